@@ -1,0 +1,201 @@
+"""The ``wsroute-sync`` command: a demo server, a raw echo server, and a user's server.
+
+    python -m wsroute_sync                  the demo (routes echo, time, add, upper)
+    python -m wsroute_sync echo --port 9001 a raw echo server (for Autobahn|Testsuite)
+    wsroute-sync serve app_module:server    run a Server object from your module
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Dict, Optional, Sequence
+
+from .errors import HandlerError
+from .server import Server
+
+__all__ = ["main", "build_parser", "make_demo_server", "JSONFormatter"]
+
+logger = logging.getLogger("wsroute_sync.cli")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, like the seed's ``slog.NewJSONHandler`` example."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def make_demo_server(**options: Any) -> Server:
+    """The demo: ``echo`` returns its Params, ``time`` the server's time, ``add`` a sum."""
+    server = Server(**options)
+
+    @server.route("echo")
+    def echo(ctx: Any, message: bytes) -> bytes:
+        return message
+
+    @server.route("time")
+    def now(ctx: Any, message: bytes) -> Dict[str, str]:
+        return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+    @server.route("add")
+    def add(ctx: Any, message: bytes) -> Dict[str, float]:
+        params = ctx.params
+        numbers = params.get("numbers") if isinstance(params, dict) else params
+        if not isinstance(numbers, list) or not all(
+            isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers
+        ):
+            raise HandlerError('add expects {"numbers": [1, 2, ...]}')
+        return {"sum": sum(numbers)}
+
+    @server.route("upper")
+    def upper(ctx: Any, message: bytes) -> Dict[str, str]:
+        params = ctx.params
+        text = params.get("text") if isinstance(params, dict) else None
+        if not isinstance(text, str):
+            raise HandlerError('upper expects {"text": "..."}')
+        return {"text": text.upper()}
+
+    return server
+
+
+def _add_server_options(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on "
+                        "(default 127.0.0.1; '' or 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=default_port,
+                        help=f"TCP port (default {default_port}; 0 picks a free one)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at once (default 1000)")
+    parser.add_argument("--max-message-size", type=int, default=None,
+                        help="bytes per message, 0 for no limit (default 1048576)")
+    parser.add_argument("--compression", choices=["none", "deflate"], default=None,
+                        help="offer permessage-deflate (default none)")
+    parser.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                        help="allow browser pages from ORIGIN (repeatable; '*' allows any)")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsroute-sync",
+        description="A threaded WebSocket server with JSON route dispatch. Without a "
+        "command, runs the demo server.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="run the demo server (the default)",
+                               description="Run the demo server: routes echo, time, add, "
+                               "upper.")
+    _add_server_options(demo, 8080)
+    echo = commands.add_parser("echo", help="run a raw echo server (no routing)",
+                               description="Echo every message back in its frame type; "
+                               "for protocol test suites such as Autobahn.")
+    _add_server_options(echo, 9001)
+    serve = commands.add_parser("serve", help="run a Server object from your module",
+                                description="Import MODULE and serve its ATTR, a "
+                                "wsroute_sync.Server.")
+    serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. myapp:server")
+    _add_server_options(serve, 8080)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_json:
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(args.log_level)
+
+
+def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
+    options: Dict[str, Any] = {}
+    if args.max_connections is not None:
+        options["max_connections"] = args.max_connections
+    if args.max_message_size is not None:
+        options["max_message_size"] = args.max_message_size or None
+    if args.compression is not None:
+        options["compression"] = None if args.compression == "none" else args.compression
+    if args.allowed_origin:
+        options["allowed_origins"] = args.allowed_origin
+    return options
+
+
+def _load_server(target: str) -> Server:
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"wsroute-sync: expected MODULE:ATTR, got {target!r}")
+    sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"wsroute-sync: cannot import {module_name!r}: {exc}") from exc
+    server = getattr(module, attr, None)
+    if callable(server) and not isinstance(server, Server):
+        server = server()
+    if not isinstance(server, Server):
+        raise SystemExit(f"wsroute-sync: {target} is not a wsroute_sync.Server")
+    return server
+
+
+def _run(server: Server, host: str, port: int) -> int:
+    def stop(signum: int, frame: Any) -> None:
+        # close() from a thread: the signal handler must return for serve() to go on.
+        threading.Thread(target=server.close, name="wsroute_sync-stop").start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host == "0.0.0.0":
+        address = f":{port}"
+    try:
+        server.start(address)
+    except OSError as exc:
+        print(f"wsroute-sync: cannot listen on {address}: {exc}", file=sys.stderr)
+        return 1
+    # Printed, not logged: scripts and test harnesses read the bound port from it.
+    print(f"listening on {server.url}", flush=True)
+    server.wait_closed()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
+    _configure_logging(args)
+    options = _server_options(args)
+    try:
+        if args.command == "echo":
+            server = Server(message_handler=lambda connection, message: message, **options)
+        elif args.command == "serve":
+            server = _load_server(args.target)
+            if options:
+                logger.warning("serve: options other than --host/--port are set in your "
+                               "code; ignoring %s", sorted(options))
+        else:
+            server = make_demo_server(**options)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    return _run(server, args.host, args.port)
+
+

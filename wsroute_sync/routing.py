@@ -1,0 +1,206 @@
+"""JSON route dispatch, sans-I/O: the request envelope, handler results, error envelopes.
+
+A request is a JSON object ``{"Route": str, "Params": any}``; keys match
+case-insensitively, as Go's ``encoding/json`` (the original's decoder) does. The reply is
+whatever the handler returns, in the request's frame type; failures become
+``{"code":1,"msg":"...","data":null}`` and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Optional, Tuple, Union
+
+from .errors import HandlerError
+
+__all__ = [
+    "Handler",
+    "EnvelopeError",
+    "parse_envelope",
+    "error_envelope",
+    "encode_result",
+    "resolve_handler",
+    "Dispatcher",
+    "INTERNAL_ERROR_MESSAGE",
+]
+
+Message = Union[str, bytes]
+Handler = Callable[[Any, bytes], Any]
+
+#: What the client reads when a handler fails unexpectedly: nothing about internals.
+INTERNAL_ERROR_MESSAGE = "internal error"
+#: A route name quoted back in an error is cut here, so a 1 MB route is not echoed.
+_MAX_QUOTED_ROUTE = 100
+
+_loads = json.loads
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class EnvelopeError(Exception):
+    """The request is not a valid envelope; ``msg`` is what the client is told."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self.msg = msg
+
+
+def error_envelope(msg: str) -> str:
+    """``{"code":1,"msg":<msg>,"data":null}``, compact, as the seed specifies."""
+    return '{"code":1,"msg":' + json.dumps(msg) + ',"data":null}'
+
+
+def _quote_route(route: str) -> str:
+    if len(route) > _MAX_QUOTED_ROUTE:
+        return route[:_MAX_QUOTED_ROUTE] + "..."
+    return route
+
+
+def parse_envelope(message: Message) -> Tuple[str, Any]:
+    """Decode a request into ``(route, params)``; raise :class:`EnvelopeError`."""
+    try:
+        request = _loads(message)
+    except RecursionError:
+        # The C decoder recurses per nesting level: {"a":[[[[...]]]]} 100,000 deep.
+        raise EnvelopeError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError for binary frames
+        if isinstance(exc, json.JSONDecodeError):
+            raise EnvelopeError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+        raise EnvelopeError("invalid JSON: not valid UTF-8") from None
+    if type(request) is not dict:
+        raise EnvelopeError("invalid request: expected a JSON object")
+    if len(request) == 2 and "Route" in request and "Params" in request:
+        route = request["Route"]  # the canonical spelling: skip the key scan
+        params = request["Params"]
+    else:
+        # encoding/json matches field names case-insensitively; of several keys that
+        # fold to the same name the last one wins, as it does in Go.
+        route = params = None
+        has_route = False
+        for key, value in request.items():
+            folded = key.lower()
+            if folded == "route":
+                route = value
+                has_route = True
+            elif folded == "params":
+                params = value
+        if not has_route:
+            raise EnvelopeError('invalid request: missing "Route"')
+    if type(route) is not str:
+        raise EnvelopeError('invalid request: "Route" must be a string')
+    return route, params
+
+
+def encode_result(result: Any, text: bool) -> Optional[Message]:
+    """Turn a handler's return value into the reply message, or ``None`` for no reply.
+
+    bytes-like goes as is, ``str`` as UTF-8, ``None`` sends nothing, anything else is
+    JSON-encoded. A text reply must be valid UTF-8 (RFC 6455 5.6), so bytes that are
+    not raise ``UnicodeDecodeError`` rather than go out in a text frame.
+    Raises ``TypeError``/``ValueError`` for values JSON cannot encode.
+    """
+    if result is None:
+        return None
+    kind = type(result)
+    if kind is bytes:
+        return result.decode("utf-8") if text else result
+    if kind is str:
+        return result if text else result.encode("utf-8")
+    if isinstance(result, (bytearray, memoryview)):
+        data = bytes(result)
+        return data.decode("utf-8") if text else data
+    encoded: str = _dumps(result)
+    return encoded if text else encoded.encode("utf-8")
+
+
+def resolve_handler(handler: Any) -> Handler:
+    """Accept a plain callable ``handler(ctx, message)`` or an object with ``handle``.
+
+    The object form is the Go seed's ``CommHandler``.
+    """
+    handle = getattr(handler, "handle", None)
+    if callable(handle):
+        return handle  # type: ignore[no-any-return]
+    if callable(handler):
+        return handler  # type: ignore[no-any-return]
+    raise TypeError(
+        "a handler is a callable handler(ctx, message) or an object with a handle(ctx, "
+        f"message) method, not {type(handler).__name__}"
+    )
+
+
+class Dispatcher:
+    """Route one message to its handler and produce the reply.
+
+    ``lookup(route)`` returns the handler or ``None``; ``make_context(route, params,
+    connection, deadline)`` builds the ``ctx``. Handlers run in the caller's thread.
+    """
+
+    __slots__ = ("_lookup", "_make_context", "_logger", "_handler_timeout", "on_error")
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Optional[Handler]],
+        make_context: Callable[[str, Any, Any, Optional[float]], Any],
+        *,
+        logger: Union[logging.Logger, logging.LoggerAdapter],  # type: ignore[type-arg]
+        handler_timeout: Optional[float],
+    ) -> None:
+        self._lookup = lookup
+        self._make_context = make_context
+        self._logger = logger
+        self._handler_timeout = handler_timeout
+        #: Called with an error kind ("invalid_json", "unknown_route"...) for metrics.
+        self.on_error: Optional[Callable[[str], None]] = None
+
+    def _error(self, kind: str, msg: str, text: bool) -> Message:
+        if self.on_error is not None:
+            self.on_error(kind)
+        envelope = error_envelope(msg)
+        return envelope if text else envelope.encode("utf-8")
+
+    def dispatch(self, connection: Any, message: Message) -> Optional[Message]:
+        """Handle one request message from ``connection``; return the reply or ``None``.
+
+        This is the server's ``message_handler`` in routed mode.
+        """
+        text = type(message) is str
+        try:
+            route, params = parse_envelope(message)
+        except EnvelopeError as exc:
+            kind = "invalid_json" if exc.msg.startswith("invalid JSON") else "invalid_request"
+            return self._error(kind, exc.msg, text)
+        handler = self._lookup(route)
+        if handler is None:
+            return self._error("unknown_route", f"unknown route: {_quote_route(route)}", text)
+        logger = self._logger
+        timeout = self._handler_timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        ctx = self._make_context(route, params, connection, deadline)
+        try:
+            result = handler(ctx, _dumps(params).encode("utf-8"))
+        except HandlerError as exc:
+            return self._error("handler_error", exc.message, text)
+        except Exception:
+            logger.error("handler for route %r failed", _quote_route(route), exc_info=True)
+            return self._error("handler_exception", INTERNAL_ERROR_MESSAGE, text)
+        if deadline is not None and time.monotonic() > deadline:
+            logger.warning(
+                "handler for route %r overran its %.3gs deadline by %.3fs",
+                _quote_route(route), timeout, time.monotonic() - deadline,
+            )
+        try:
+            return encode_result(result, text)
+        except UnicodeDecodeError:
+            logger.error(
+                "handler for route %r returned bytes that are not UTF-8 for a text frame",
+                _quote_route(route),
+            )
+        except (TypeError, ValueError, RecursionError):
+            logger.error(
+                "handler for route %r returned a value JSON cannot encode: %s",
+                _quote_route(route), type(result).__name__, exc_info=True,
+            )
+        return self._error("bad_result", INTERNAL_ERROR_MESSAGE, text)

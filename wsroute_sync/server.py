@@ -1,0 +1,732 @@
+"""The Server: a listening socket, an accept loop, a thread per connection, a registry.
+
+The shape follows the Go original: a blocking listener; each accepted connection takes a
+slot of a bounded semaphore (without waiting; over the limit the client gets HTTP 503
+before any upgrade) and gets its own thread, which releases the slot in its ``finally``
+beside the socket close; handlers live in a dict guarded by a ``threading.Lock``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import secrets
+import selectors
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .connection import ServerConnection
+from .context import Context
+from .errors import HandshakeRejected
+from .http import HTTPRequest, http_response
+from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .options import ServerOptions
+from .protocol import CLOSE_GOING_AWAY, Message
+from .routing import Dispatcher, Handler, resolve_handler
+
+__all__ = ["Server", "parse_address", "MessageHandler"]
+
+#: A raw message hook: ``message_handler(connection, message) -> reply or None``.
+MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
+
+# Refused connections (over the limit) wait in the accept loop's selector for the
+# client to read the 503 and hang up; past this many they are closed at once.
+_MAX_LINGERING = 512
+_LINGER_SECONDS = 2.0
+# Accepting in batches keeps a burst of connects from starving the wake-up pipe.
+_ACCEPT_BATCH = 64
+_LISTEN_BACKLOG = 1024
+
+
+def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
+    """Parse ``":8080"``, ``"host:port"``, ``"[::1]:port"`` or ``"unix:/path"``.
+
+    An empty host listens on every interface (IPv6 and IPv4 where the system has a dual
+    stack), as Go's ``net.Listen("tcp", ":8080")`` does.
+    """
+    if not isinstance(addr, str):
+        raise TypeError(f"address must be a string like ':8080', not {type(addr).__name__}")
+    if addr.startswith("unix:"):
+        path = addr[len("unix:"):]
+        if not path:
+            raise ValueError("unix: address needs a path, e.g. 'unix:/tmp/app.sock'")
+        return socket.AF_UNIX, path
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f"address {addr!r} has no port; use ':8080' or 'host:8080'")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"address {addr!r} has an invalid port {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        return socket.AF_INET6, (host[1:-1], port)
+    if ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets: '[{host}]:{port}'")
+    return socket.AF_INET, (host, port)
+
+
+class _Reaper:
+    """One thread for the whole server that drops connections whose Close went unanswered.
+
+    A Close started from another thread (``server.close()``, ``connection.close()``)
+    cannot shorten the read timeout the connection thread is already blocked in, so the
+    deadline is kept here instead of in a timer per connection.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._heap: List[Tuple[float, int, ServerConnection]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._counter = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+        self._name = name
+
+    def schedule(self, connection: ServerConnection, delay: float) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._counter), connection))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, connection = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                thread = connection.thread
+                if thread is not None and thread.is_alive():
+                    connection._logger.info(
+                        "connection %s: no Close answer within close_timeout, dropping",
+                        connection.id,
+                    )
+                    connection._abort()
+
+
+class Server:
+    """A threaded WebSocket server that routes JSON messages to handlers.
+
+    Keyword-only options, grouped as in :class:`~wsroute_sync.options.ServerOptions`;
+    ``None`` switches a feature off:
+
+    Limits:
+        max_connections: open connections at once (default 1000); one more gets
+            HTTP 503 "Too many connections" with ``Retry-After`` before any upgrade.
+        max_message_size: bytes in one message, after reassembly and decompression
+            (default 1 MiB); more closes the connection with 1009.
+        max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431.
+
+    Timeouts (seconds):
+        handshake_timeout: to receive the whole request head (default 10); else 408.
+        ping_interval, ping_timeout: an idle connection is pinged after
+            ``ping_interval`` and closed with 1011 if no pong comes within
+            ``ping_timeout`` (defaults 20 and 20).
+        write_timeout: a write that makes no progress for this long drops the client
+            (default 10), so a client that stops reading cannot pin a thread.
+        close_timeout: how long to wait for the client's answer to our Close (default 10).
+        handler_timeout: a handler's deadline (default 10), on ``ctx.deadline``.
+            Python cannot stop a thread, so it is cooperative; overruns are logged.
+
+    Protocol:
+        path: accept upgrades only on this path (or these paths); default: any path.
+        subprotocols: subprotocols the server speaks, in order of preference.
+        compression: ``"deflate"`` to offer permessage-deflate (RFC 7692); default off,
+            because it costs more CPU than it saves on small JSON messages.
+
+    Security:
+        allowed_origins: origins allowed to connect (``["*"]`` for any); default: the
+            gorilla rule, no ``Origin`` or an ``Origin`` whose host equals ``Host``.
+        check_origin: ``check_origin(request) -> bool`` instead of that rule.
+        authenticate: ``authenticate(request) -> identity`` run before the upgrade; a
+            falsy result refuses with 403, raising ``HandshakeRejected`` picks the status.
+
+    HTTP:
+        health_path: plain ``GET`` answered with the server's health (default
+            ``/healthz``); metrics_path: Prometheus text (default ``/metrics``).
+
+    Others:
+        message_handler: ``message_handler(connection, message) -> reply`` replaces JSON
+            routing with a raw hook (an echo server is ``lambda c, m: m``).
+        logger: where records go (default ``logging.getLogger("wsroute_sync.server")``).
+    """
+
+    def __init__(
+        self,
+        *,
+        # Limits
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        # Timeouts
+        handshake_timeout: Optional[float] = 10.0,
+        ping_interval: Optional[float] = 20.0,
+        ping_timeout: Optional[float] = 20.0,
+        write_timeout: Optional[float] = 10.0,
+        close_timeout: Optional[float] = 10.0,
+        handler_timeout: Optional[float] = 10.0,
+        # Protocol
+        path: Union[str, Sequence[str], None] = None,
+        subprotocols: Optional[Sequence[str]] = None,
+        compression: Optional[str] = None,
+        # Security
+        allowed_origins: Optional[Sequence[str]] = None,
+        check_origin: Optional[Callable[[HTTPRequest], bool]] = None,
+        authenticate: Optional[Callable[[HTTPRequest], Any]] = None,
+        # HTTP
+        health_path: Optional[str] = "/healthz",
+        metrics_path: Optional[str] = "/metrics",
+        # Others
+        message_handler: Optional[MessageHandler] = None,
+        logger: Union[logging.Logger, logging.LoggerAdapter, None] = None,  # type: ignore[type-arg]
+    ) -> None:
+        self.options = ServerOptions(
+            max_connections=max_connections,
+            max_message_size=max_message_size,
+            max_header_size=max_header_size,
+            handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            write_timeout=write_timeout,
+            close_timeout=close_timeout,
+            handler_timeout=handler_timeout,
+            path=path,  # type: ignore[arg-type]
+            subprotocols=subprotocols,  # type: ignore[arg-type]
+            compression=compression,
+            allowed_origins=allowed_origins,  # type: ignore[arg-type]
+            check_origin=check_origin,
+            authenticate=authenticate,
+            health_path=health_path,
+            metrics_path=metrics_path,
+            logger=logger,
+        )
+        if message_handler is not None and not callable(message_handler):
+            raise TypeError("message_handler must be callable or None")
+        self.logger: Union[logging.Logger, logging.LoggerAdapter] = (  # type: ignore[type-arg]
+            logger if logger is not None else logging.getLogger("wsroute_sync.server")
+        )
+        self.max_connections = max_connections
+        # The registry: a dict guarded by a lock; handlers are called outside it.
+        self._handlers: Dict[str, Handler] = {}
+        self._handlers_lock = threading.Lock()
+        self._dispatcher = Dispatcher(
+            self._lookup, Context, logger=self.logger, handler_timeout=handler_timeout
+        )
+        self._message_handler: MessageHandler = (
+            message_handler if message_handler is not None else self._dispatcher.dispatch
+        )
+        # Connections: slots, and the live ones by id.
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._connections: Dict[str, ServerConnection] = {}
+        self._connections_lock = threading.Lock()
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self._ids = itertools.count(1)
+        self._accepted = 0
+        self._rejected = 0
+        # Lifecycle.
+        self._state_lock = threading.Lock()
+        self._listener: Optional[socket.socket] = None
+        self._ssl_context: Optional[ssl.SSLContext] = None
+        self._unix_path: Optional[str] = None
+        self._wake_r: Optional[socket.socket] = None
+        self._wake_w: Optional[socket.socket] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self._accept_done = threading.Event()
+        self._closing = False
+        self._closed = threading.Event()
+        self._reaper = _Reaper("wsroute_sync-reaper")
+        self.address: Any = None
+
+    # The registry.
+
+    def register(self, route: str, handler: Any) -> None:
+        """Register ``handler`` for ``route``; safe while serving.
+
+        ``handler`` is a callable ``handler(ctx, message: bytes)`` or an object with a
+        ``handle(ctx, message)`` method. Registering a route again **replaces** its
+        handler (as assigning to the Go original's map does); messages already being
+        handled finish with the old one.
+        """
+        if not isinstance(route, str):
+            raise TypeError(f"route must be a str, not {type(route).__name__}")
+        resolved = resolve_handler(handler)
+        with self._handlers_lock:
+            replaced = route in self._handlers
+            self._handlers[route] = resolved
+        self.logger.debug("route %r %s", route, "replaced" if replaced else "registered")
+
+    def unregister(self, route: str) -> None:
+        """Remove ``route``; raises ``KeyError`` if it is not registered."""
+        with self._handlers_lock:
+            del self._handlers[route]
+        self.logger.debug("route %r unregistered", route)
+
+    def route(self, route: str) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`register`: ``@server.route("echo")``."""
+
+        def decorator(handler: Handler) -> Handler:
+            self.register(route, handler)
+            return handler
+
+        return decorator
+
+    @property
+    def routes(self) -> List[str]:
+        """The registered route names."""
+        with self._handlers_lock:
+            return list(self._handlers)
+
+    def _lookup(self, route: str) -> Optional[Handler]:
+        with self._handlers_lock:
+            return self._handlers.get(route)
+
+    # Connections.
+
+    @property
+    def connections(self) -> List[ServerConnection]:
+        """The live connections (upgraded or still in their handshake)."""
+        with self._connections_lock:
+            return list(self._connections.values())
+
+    @property
+    def active_connections(self) -> int:
+        with self._connections_lock:
+            return len(self._connections)
+
+    def broadcast(
+        self,
+        message: Any,
+        *,
+        predicate: Optional[Callable[[ServerConnection], bool]] = None,
+    ) -> int:
+        """Send ``message`` to every open connection (or those ``predicate`` picks).
+
+        Safe from any thread; closed connections are skipped without raising. Returns how
+        many connections it was sent to.
+        """
+        sent = 0
+        for connection in self.connections:
+            if not connection.open or (predicate is not None and not predicate(connection)):
+                continue
+            try:
+                connection.send(message)
+            except Exception:  # ConnectionClosed, or a write that failed: skip it
+                continue
+            sent += 1
+        return sent
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: active, max, accepted and rejected connections."""
+        return {
+            "active": self.active_connections,
+            "max": self.max_connections,
+            "accepted": self._accepted,
+            "rejected": self._rejected,
+            "closing": self._closing,
+        }
+
+    # Lifecycle.
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/`` (or ``wss://``) of the listening socket."""
+        if self.address is None:
+            raise RuntimeError("the server is not listening")
+        if isinstance(self.address, str):
+            return f"ws+unix://{self.address}"
+        host, port = self.address[0], self.address[1]
+        scheme = "wss" if self._ssl_context is not None else "ws"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{port}/"
+
+    def _listen(self, addr: str, ssl_context: Optional[ssl.SSLContext]) -> None:
+        with self._state_lock:
+            if self._closing:
+                raise RuntimeError("the server is closed; make a new one")
+            if self._listener is not None:
+                raise RuntimeError("the server is already listening")
+            family, address = parse_address(addr)
+            if family == socket.AF_UNIX:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    if os.path.exists(address):
+                        os.unlink(address)  # a stale socket file from an earlier run
+                    listener.bind(address)
+                    listener.listen(_LISTEN_BACKLOG)
+                except BaseException:
+                    listener.close()
+                    raise
+                self._unix_path = address
+                self.address = address
+            else:
+                host, port = address
+                if host == "":
+                    if socket.has_dualstack_ipv6():
+                        listener = socket.create_server(
+                            ("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                            backlog=_LISTEN_BACKLOG, reuse_port=False,
+                        )
+                    else:  # pragma: no cover - depends on the system
+                        listener = socket.create_server(("0.0.0.0", port),
+                                                        backlog=_LISTEN_BACKLOG)
+                else:
+                    infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
+                    fam = infos[0][0]
+                    listener = socket.create_server(
+                        infos[0][4][:2], family=fam, backlog=_LISTEN_BACKLOG
+                    )
+                self.address = listener.getsockname()[:2]
+            listener.setblocking(False)
+            self._listener = listener
+            self._ssl_context = ssl_context
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        self.logger.info("server listening on %s", self.url)
+
+    def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None
+              ) -> "Server":
+        """Listen on ``addr`` and serve in a background thread; return once listening.
+
+        ``server.address`` then holds the bound ``(host, port)``. Stop with :meth:`close`
+        or use the server as a context manager.
+        """
+        self._listen(addr, ssl_context)
+        thread = threading.Thread(target=self._accept_loop, name="wsroute_sync-accept")
+        self._accept_thread = thread
+        thread.start()
+        return self
+
+    def serve(self, addr: str = ":8080", *, ssl_context: Optional[ssl.SSLContext] = None
+              ) -> None:
+        """Listen on ``addr`` and serve in this thread until :meth:`close` is called.
+
+        Returns normally once the server has closed. Raises ``OSError`` if the address
+        cannot be bound (the Go original's ``Serve`` error).
+        """
+        self._listen(addr, ssl_context)
+        self._accept_loop()
+        self._closed.wait()
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until :meth:`close` has finished; ``False`` if ``timeout`` ran out."""
+        finished = self._closed.wait(timeout)
+        thread = self._accept_thread
+        if finished and thread is not None and thread is not threading.current_thread():
+            thread.join()
+        return finished
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self, timeout: Optional[float] = 10.0) -> None:
+        """Shut down gracefully; idempotent and safe from any thread, handlers included.
+
+        Stops accepting, sends Close 1001 (going away) to every open connection, waits
+        for the connection threads up to ``timeout`` seconds (dropping connections that
+        do not finish their closing handshake within ``close_timeout``), and logs those
+        it could not finish. A handler calling it does not wait for its own connection.
+        """
+        with self._state_lock:
+            first = not self._closing
+            self._closing = True
+        if not first:
+            if not self._in_connection_thread():
+                self._closed.wait(timeout)
+            return
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        self.logger.info("server closing")
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:  # pragma: no cover - the pipe is never full: one byte
+                pass
+        accept_thread = self._accept_thread
+        if accept_thread is not None and accept_thread is not threading.current_thread():
+            accept_thread.join()
+        with self._connections_lock:
+            # No connection is registered once _closing is set, so this list is final.
+            connections = list(self._connections.values())
+        current = threading.current_thread()
+        for connection in connections:
+            # Do not queue behind a thread stuck writing to a slow client for long.
+            if connection._start_close(CLOSE_GOING_AWAY, "server shutting down",
+                                       lock_timeout=0.5) is False:
+                pass
+        close_timeout = self.options.close_timeout
+        grace_end = started + (close_timeout if close_timeout is not None else 10.0)
+        if deadline is not None:
+            grace_end = min(grace_end, deadline)
+        others = [c for c in connections if c.thread is not None and c.thread is not current]
+        for connection in others:
+            assert connection.thread is not None
+            connection.thread.join(max(0.0, grace_end - time.monotonic()))
+        for connection in others:
+            assert connection.thread is not None
+            if connection.thread.is_alive():
+                connection._abort()  # unblocks its read; a running handler still finishes
+        for connection in others:
+            assert connection.thread is not None
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            connection.thread.join(remaining)
+        stuck = [c for c in others if c.thread is not None and c.thread.is_alive()]
+        for connection in stuck:
+            self.logger.warning(
+                "connection %s did not finish within %ss (a handler still running?)",
+                connection.id, timeout,
+            )
+        self._reaper.stop()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+        self._closed.set()
+        self.logger.info(
+            "server closed (%d connection(s) closed, %d unfinished)",
+            len(connections) - len(stuck), len(stuck),
+        )
+
+    def _in_connection_thread(self) -> bool:
+        current = threading.current_thread()
+        with self._connections_lock:
+            return any(c.thread is current for c in self._connections.values())
+
+    # The accept loop.
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        wake = self._wake_r
+        assert listener is not None and wake is not None
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ, "listener")
+        selector.register(wake, selectors.EVENT_READ, "wake")
+        lingering: Dict[socket.socket, float] = {}
+        paused_until: Optional[float] = None
+        try:
+            while not self._closing:
+                now = time.monotonic()
+                timeouts = [d - now for d in lingering.values()]
+                if paused_until is not None:
+                    timeouts.append(paused_until - now)
+                timeout = max(0.0, min(timeouts)) if timeouts else None
+                for key, _ in selector.select(timeout):
+                    if key.data == "wake":
+                        try:
+                            wake.recv(64)
+                        except OSError:
+                            pass
+                    elif key.data == "listener":
+                        if not self._accept_batch(listener, selector, lingering):
+                            # Out of file descriptors: stop watching the listener for
+                            # a moment instead of spinning on a socket we cannot accept.
+                            selector.unregister(listener)
+                            paused_until = time.monotonic() + 0.1
+                    else:
+                        self._drain_refused(key.fileobj, selector, lingering)  # type: ignore[arg-type]
+                now = time.monotonic()
+                if paused_until is not None and now >= paused_until:
+                    selector.register(listener, selectors.EVENT_READ, "listener")
+                    paused_until = None
+                for sock, deadline in list(lingering.items()):
+                    if now >= deadline:
+                        selector.unregister(sock)
+                        del lingering[sock]
+                        sock.close()
+        finally:
+            for sock in lingering:
+                sock.close()
+            selector.close()
+            listener.close()
+            self._accept_done.set()
+
+    def _accept_batch(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        lingering: Dict[socket.socket, float],
+    ) -> bool:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, remote = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as exc:
+                self.logger.error("accept failed: %s; pausing accepts for 0.1s", exc)
+                return False
+            self._admit(sock, remote, selector, lingering)
+        return True
+
+    def _admit(
+        self,
+        sock: socket.socket,
+        remote: Any,
+        selector: selectors.BaseSelector,
+        lingering: Dict[socket.socket, float],
+    ) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._rejected += 1
+            self.logger.warning(
+                "too many connections (max %d): refusing %s with 503", self.max_connections,
+                remote,
+            )
+            self._refuse_over_limit(sock, selector, lingering)
+            return
+        self._accepted += 1
+        if self._ssl_context is not None:
+            sock = self._ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        connection = ServerConnection(
+            self, sock, remote, f"{self._id_prefix}{next(self._ids)}"
+        )
+        thread = threading.Thread(
+            target=connection.run, name=f"wsroute_sync-conn-{connection.id}"
+        )
+        connection.thread = thread
+        with self._connections_lock:
+            if self._closing:
+                registered = False
+            else:
+                # Registered before it starts, so close() never misses a connection.
+                self._connections[connection.id] = connection
+                registered = True
+        if not registered:
+            self._slots.release()
+            sock.close()
+            return
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or limits
+            self.logger.error("cannot start a connection thread: %s", exc)
+            with self._connections_lock:
+                self._connections.pop(connection.id, None)
+            self._slots.release()
+            sock.close()
+
+    def _refuse_over_limit(
+        self,
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        lingering: Dict[socket.socket, float],
+    ) -> None:
+        # Answered from the accept loop itself: no thread is started for a client we
+        # refuse, and a flood of connects cannot make the server exceed its limit.
+        response = http_response(
+            503, "Too many connections\n", headers=[("Retry-After", "1")]
+        )
+        try:
+            sock.setblocking(False)
+            sock.send(response)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        if len(lingering) >= _MAX_LINGERING:
+            sock.close()
+            return
+        selector.register(sock, selectors.EVENT_READ, "refused")
+        lingering[sock] = time.monotonic() + _LINGER_SECONDS
+
+    @staticmethod
+    def _drain_refused(
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        lingering: Dict[socket.socket, float],
+    ) -> None:
+        try:
+            if sock.recv(65536):
+                return  # the request, still arriving: keep waiting for the hang-up
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        selector.unregister(sock)
+        del lingering[sock]
+        sock.close()
+
+    # Called by connections.
+
+    def _connection_done(self, connection: ServerConnection) -> None:
+        with self._connections_lock:
+            self._connections.pop(connection.id, None)
+        self._slots.release()
+        self.logger.debug(
+            "connection %s: closed (%s %s)", connection.id, connection.close_code,
+            connection.close_reason,
+        )
+
+    def _schedule_abort(self, connection: ServerConnection) -> None:
+        if self.options.close_timeout is not None:
+            self._reaper.schedule(connection, self.options.close_timeout)
+
+    def _authenticate(self, request: HTTPRequest) -> Any:
+        assert self.options.authenticate is not None
+        try:
+            identity = self.options.authenticate(request)
+        except HandshakeRejected:
+            raise
+        except Exception as exc:
+            self.logger.error("authenticate hook failed", exc_info=True)
+            raise HandshakeRejected(500, "authentication failed") from exc
+        if not identity:
+            raise HandshakeRejected(403, "forbidden")
+        return identity
+
+    def _plain_http(self, request: HTTPRequest) -> bytes:
+        """The answer to a request that does not ask for a WebSocket upgrade."""
+        options = self.options
+        head_only = request.method == "HEAD"
+        if request.method in ("GET", "HEAD"):
+            if options.health_path is not None and request.path == options.health_path:
+                body = json.dumps(
+                    {
+                        "status": "closing" if self._closing else "ok",
+                        "active_connections": self.active_connections,
+                        "max_connections": self.max_connections,
+                    }
+                )
+                return http_response(
+                    503 if self._closing else 200, body,
+                    content_type="application/json", head_only=head_only,
+                )
+        return http_response(
+            426,
+            "This is a WebSocket endpoint: connect with a WebSocket client.\n",
+            headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                     ("Sec-WebSocket-Version", "13")],
+            head_only=head_only,
+        )
