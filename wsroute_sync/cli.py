@@ -179,9 +179,10 @@ def _run(server: Server, host: str, port: int) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] not in ("demo", "echo", "serve", "-h", "--help"):
+        arguments.insert(0, "demo")  # the demo is the default command
+    args = parser.parse_args(arguments)
     _configure_logging(args)
     options = _server_options(args)
     try:

@@ -428,7 +428,7 @@ class ServerConnection:
             for item in stream.receive(data):
                 kind = type(item)
                 if kind is str or kind is bytes:
-                    reply = handle(self, item)
+                    reply = handle(self, item)  # type: ignore[arg-type]
                     if reply is not None:
                         send(reply)
                 elif kind is PingReceived:

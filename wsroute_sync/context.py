@@ -76,11 +76,14 @@ class Context:
 
     @property
     def query_params(self) -> Dict[str, Any]:
-        return self.connection.request.query_params
+        request = self.connection.request
+        return request.query_params if request is not None else {}
 
     @property
     def headers(self) -> "Headers":
-        return self.connection.request.headers
+        request = self.connection.request
+        assert request is not None  # handlers only run after the handshake
+        return request.headers
 
     @property
     def server(self) -> "Server":

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
+    from .http import HTTPRequest
     from .server import Server
 
 __all__ = [
@@ -34,7 +35,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 #: The whole HTTP request head (request line plus headers), as a browser sends 1-4 KiB.
 DEFAULT_MAX_HEADER_SIZE = 16 << 10
 
-OriginCheck = Callable[[Optional[str], Optional[str]], bool]
+OriginCheck = Callable[["HTTPRequest"], bool]
 
 
 def _check_timeout(name: str, value: Optional[float]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
 from wsproto.connection import Connection, ConnectionState
@@ -314,7 +314,9 @@ class MessageStream:
             elif kind is CloseConnection:
                 code = event.code  # type: ignore[attr-defined]
                 reason = event.reason or ""  # type: ignore[attr-defined]
-                state = ws.state
+                # Re-read: processing this Close moved wsproto's state (cast: mypy
+                # would keep the narrowing from the check at the top).
+                state = cast(ConnectionState, ws.state)
                 if state is ConnectionState.REMOTE_CLOSING:
                     out.append(CloseReceived(code, reason, closed=False))
                 elif state is ConnectionState.CLOSED and data is not None:

@@ -104,9 +104,11 @@ def encode_result(result: Any, text: bool) -> Optional[Message]:
         return None
     kind = type(result)
     if kind is bytes:
-        return result.decode("utf-8") if text else result
+        raw: bytes = result
+        return raw.decode("utf-8") if text else raw
     if kind is str:
-        return result if text else result.encode("utf-8")
+        string: str = result
+        return string if text else string.encode("utf-8")
     if isinstance(result, (bytearray, memoryview)):
         data = bytes(result)
         return data.decode("utf-8") if text else data

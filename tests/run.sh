@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it. README's test command and .ci/run
+# both call this file, so a fresh machine and CI run exactly the same steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages some suites drive for real (a browser, Redis, nginx), installed only
+# when missing. Root installs directly; otherwise sudo is tried.
+apt_packages=()
+if [ "${#apt_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    echo "tests/run.sh: installing ${apt_packages[*]}" >&2
+    $sudo apt-get update -qq >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${apt_packages[@]}" >/dev/null || echo "tests/run.sh: could not install ${apt_packages[*]}" >&2
+fi
+
+venv=${WSROUTE_VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$venv/bin/python" -m pip install -q -e '.[test]'
+"$venv/bin/python" -m mypy --strict wsroute_sync
+exec "$venv/bin/python" -m pytest "$@"

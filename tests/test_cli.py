@@ -1,0 +1,139 @@
+"""The command line: demo, echo and serve, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+from websockets.exceptions import ConnectionClosed as WSClosed
+from websockets.sync.client import connect
+
+from conftest import TIMEOUT
+from wsroute_sync.cli import build_parser
+
+
+class Running:
+    def __init__(self, args: List[str], cwd: str | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wsroute_sync", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on ws://"):
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"server did not start: {line!r} {err}")
+        self.url = line.split()[-1]
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=TIMEOUT * 2)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        assert self.proc.returncode == 0, err
+        return err
+
+
+@pytest.fixture
+def demo() -> Iterator[Running]:
+    run = Running(["--port", "0", "--log-json"])
+    try:
+        yield run
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
+
+
+def test_demo_routes_and_json_logs(demo: Running) -> None:
+    with connect(demo.url) as ws:
+        ws.send('{"Route":"echo","Params":{"message":"hi"}}')
+        assert ws.recv(timeout=TIMEOUT) == '{"message":"hi"}'
+        ws.send('{"Route":"add","Params":{"numbers":[1,2,3.5]}}')
+        assert json.loads(ws.recv(timeout=TIMEOUT)) == {"sum": 6.5}
+        ws.send('{"Route":"add","Params":{"numbers":"x"}}')
+        assert json.loads(ws.recv(timeout=TIMEOUT))["msg"].startswith("add expects")
+        ws.send('{"Route":"time"}')
+        assert "time" in json.loads(ws.recv(timeout=TIMEOUT))
+        ws.send('{"Route":"upper","Params":{"text":"abc"}}')
+        assert json.loads(ws.recv(timeout=TIMEOUT)) == {"text": "ABC"}
+    err = demo.stop()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(r["msg"].startswith("server listening") and r["level"] == "INFO"
+               for r in records)
+    assert any(r["msg"] == "server closing" for r in records)
+
+
+def test_sigterm_closes_open_clients_with_1001(demo: Running) -> None:
+    with connect(demo.url) as ws:
+        ws.send('{"Route":"echo","Params":1}')
+        assert ws.recv(timeout=TIMEOUT) == "1"
+        demo.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(WSClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    demo.proc.communicate(timeout=TIMEOUT)
+    assert demo.proc.returncode == 0
+
+
+def test_echo_command_echoes_both_frame_types() -> None:
+    run = Running(["echo", "--port", "0", "--max-message-size", "100"])
+    try:
+        with connect(run.url) as ws:
+            ws.send("not json at all")
+            assert ws.recv(timeout=TIMEOUT) == "not json at all"
+            ws.send(b"\x00\xff")
+            assert ws.recv(timeout=TIMEOUT) == b"\x00\xff"
+            ws.send("x" * 101)
+            with pytest.raises(WSClosed) as info:
+                ws.recv(timeout=TIMEOUT)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    finally:
+        run.stop()
+
+
+def test_serve_command_runs_a_user_server(tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(textwrap.dedent("""
+        from wsroute_sync import Server
+        server = Server()
+        server.register("hello", lambda ctx, message: "hello from myapp")
+    """))
+    run = Running(["serve", "myapp:server", "--port", "0"], cwd=str(tmp_path))
+    try:
+        with connect(run.url) as ws:
+            ws.send('{"Route":"hello"}')
+            assert ws.recv(timeout=TIMEOUT) == "hello from myapp"
+    finally:
+        run.stop()
+
+
+def test_help_lists_every_command_and_option() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("demo", "echo", "serve"):
+        assert command in text
+    result = subprocess.run([sys.executable, "-m", "wsroute_sync", "echo", "--help"],
+                            capture_output=True, text=True, timeout=TIMEOUT * 2)
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--max-connections", "--max-message-size",
+                   "--compression", "--allowed-origin", "--log-json", "--log-level"):
+        assert option in result.stdout
+
+
+def test_bad_options_exit_with_usage_error() -> None:
+    result = subprocess.run([sys.executable, "-m", "wsroute_sync", "--max-connections", "0",
+                             "--port", "0"], capture_output=True, text=True,
+                            timeout=TIMEOUT * 2, env={**os.environ})
+    assert result.returncode == 2
+    assert "max_connections" in result.stderr

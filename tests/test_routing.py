@@ -1,0 +1,139 @@
+"""The envelope, sans-I/O: bytes in, values and error envelopes out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, List, Optional
+
+import pytest
+
+from wsroute_sync.errors import HandlerError
+from wsroute_sync.routing import (
+    Dispatcher,
+    EnvelopeError,
+    encode_result,
+    error_envelope,
+    parse_envelope,
+    resolve_handler,
+)
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ('{"Route":"a","Params":{"x":1}}', ("a", {"x": 1})),
+        (b'{"Route":"a","Params":[1]}', ("a", [1])),
+        ('{"route":"a","params":2}', ("a", 2)),
+        ('{"ROUTE":"a"}', ("a", None)),
+        ('{"Route":"a","Params":null,"Extra":1}', ("a", None)),
+        ('{"route":"x","Route":"a"}', ("a", None)),
+        ('{"Route":"é"}'.encode("utf-16"), ("é", None)),
+    ],
+)
+def test_parse_envelope(message: Any, expected: Any) -> None:
+    assert parse_envelope(message) == expected
+
+
+@pytest.mark.parametrize(
+    "message, msg",
+    [
+        ("", "invalid JSON: Expecting value at position 0"),
+        ("{", "invalid JSON: Expecting property name enclosed in double quotes at position 1"),
+        (b"\xff\xfe\xfd", "invalid JSON: not valid UTF-8"),
+        ("[]", "invalid request: expected a JSON object"),
+        ("null", "invalid request: expected a JSON object"),
+        ("{}", 'invalid request: missing "Route"'),
+        ('{"Route":["a"]}', 'invalid request: "Route" must be a string'),
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "invalid JSON: nested too deeply"),
+    ],
+)
+def test_parse_envelope_errors(message: Any, msg: str) -> None:
+    with pytest.raises(EnvelopeError) as info:
+        parse_envelope(message)
+    assert info.value.msg == msg
+
+
+def test_error_envelope_is_compact_and_escaped() -> None:
+    assert error_envelope("x") == '{"code":1,"msg":"x","data":null}'
+    assert json.loads(error_envelope('q"\n\u2028')) == {"code": 1, "msg": 'q"\n\u2028',
+                                                        "data": None}
+
+
+@pytest.mark.parametrize(
+    "result, text, expected",
+    [
+        (None, True, None),
+        (b"ab", False, b"ab"),
+        (b"ab", True, "ab"),
+        ("é", True, "é"),
+        ("é", False, "é".encode()),
+        (bytearray(b"x"), False, b"x"),
+        (memoryview(b"x"), True, "x"),
+        ({"a": "é"}, True, '{"a":"é"}'),
+        ([1, 2.5, None], False, b"[1,2.5,null]"),
+        (7, True, "7"),
+    ],
+)
+def test_encode_result(result: Any, text: bool, expected: Any) -> None:
+    assert encode_result(result, text) == expected
+
+
+def test_encode_result_refuses_what_cannot_go_out() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        encode_result(b"\xff", True)
+    with pytest.raises(TypeError):
+        encode_result({1, 2}, True)
+
+
+def test_resolve_handler() -> None:
+    class Obj:
+        def handle(self, ctx: Any, message: bytes) -> bytes:
+            return message
+
+    obj = Obj()
+    assert resolve_handler(obj) == obj.handle
+    func = lambda ctx, m: m  # noqa: E731
+    assert resolve_handler(func) is func
+    with pytest.raises(TypeError):
+        resolve_handler(None)
+
+
+def _dispatcher(handlers: dict, kinds: Optional[List[str]] = None) -> Dispatcher:
+    d = Dispatcher(handlers.get, lambda r, p, c, dl: (r, p, c, dl),
+                   logger=logging.getLogger("test.dispatch"), handler_timeout=None)
+    if kinds is not None:
+        d.on_error = kinds.append
+    return d
+
+
+def test_dispatch_passes_params_as_utf8_json_bytes_and_ctx() -> None:
+    seen = []
+
+    def handler(ctx: Any, message: bytes) -> bytes:
+        seen.append((ctx, message))
+        return message
+
+    d = _dispatcher({"r": handler})
+    assert d.dispatch("conn", '{"Route":"r","Params":{"k":"é","n":[1, 2]}}') == '{"k":"é","n":[1,2]}'
+    assert seen == [(("r", {"k": "é", "n": [1, 2]}, "conn", None),
+                     '{"k":"é","n":[1,2]}'.encode())]
+
+
+def test_dispatch_reports_error_kinds() -> None:
+    kinds: List[str] = []
+
+    def chosen(ctx: Any, m: bytes) -> None:
+        raise HandlerError("why")
+
+    d = _dispatcher({"chosen": chosen, "crash": lambda c, m: 1 / 0, "bad": lambda c, m: {1}},
+                    kinds)
+    for message in ("x", "[]", '{"Route":"no"}', '{"Route":"chosen"}', '{"Route":"crash"}',
+                    '{"Route":"bad"}'):
+        reply = d.dispatch(None, message)
+        assert isinstance(reply, str) and json.loads(reply)["code"] == 1
+    assert kinds == ["invalid_json", "invalid_request", "unknown_route", "handler_error",
+                     "handler_exception", "bad_result"]
+    assert d.dispatch(None, b"x") == error_envelope(
+        "invalid JSON: Expecting value at position 0").encode()
