@@ -139,7 +139,7 @@ def pair(compression: Optional[str] = None, max_size: Optional[int] = None
     assert deflate is bool(compression)
     client.receive_data(response)
     assert isinstance(next(client.events()), AcceptConnection)
-    return MessageStream(ws, max_message_size=max_size), client
+    return MessageStream(ws, max_message_size=max_size, extensions=deflate), client
 
 
 def client_events(client: WSConnection, data: bytes) -> List[Any]:

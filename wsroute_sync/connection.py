@@ -314,7 +314,7 @@ class ServerConnection:
             )
             if options.authenticate is not None:
                 self.identity = server._authenticate(request)
-            response, ws, self.subprotocol, _ = accept_upgrade(
+            response, ws, self.subprotocol, deflate = accept_upgrade(
                 request, subprotocols=options.subprotocols, compression=options.compression
             )
         except HandshakeRejected as exc:
@@ -323,7 +323,9 @@ class ServerConnection:
             )
             self._send_and_linger(rejection_response(exc, head_only=request.method == "HEAD"))
             return False
-        stream = MessageStream(ws, max_message_size=options.max_message_size)
+        stream = MessageStream(
+            ws, max_message_size=options.max_message_size, extensions=deflate
+        )
         try:
             sock.sendall(response)
         except OSError as exc:

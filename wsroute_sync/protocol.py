@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import urlsplit
 
@@ -245,6 +246,20 @@ class ProtocolFailure:
 Outcome = Union[str, bytes, PingReceived, PongReceived, CloseReceived, ProtocolFailure]
 
 
+# First header byte of an unfragmented frame with RSV bits clear: FIN | opcode.
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+_from_bytes = int.from_bytes
+# Without max_message_size, larger frames are streamed through wsproto, not held back.
+_UNLIMITED_HOLD = 1 << 20
+
+
+def _pure_wsproto_requested() -> bool:
+    # A switch for diagnosis and for measuring what the fast path buys: with it set,
+    # every frame goes through wsproto's own parser and serialiser.
+    return os.environ.get("WSROUTE_SYNC_PURE_WSPROTO", "") not in ("", "0")
+
+
 class MessageStream:
     """Whole messages in, frames out, on top of a wsproto :class:`Connection`.
 
@@ -252,16 +267,46 @@ class MessageStream:
     ``bytes`` for binary) and control outcomes, in order. Sending methods return the
     bytes to write. wsproto objects are not thread-safe, so the caller serialises the
     sending methods (the connection holds a lock); ``receive`` is called by one thread.
+
+    wsproto is the protocol engine: the handshake, control frames, fragmentation,
+    extensions, every error and every close go through it. Its per-frame cost in
+    Python (about ten function calls and several objects per frame) is most of a
+    small message's cost, so one case is recognised here first: a complete, final,
+    masked text or binary frame with RSV bits clear and a minimally encoded length,
+    arriving between messages, with no extension negotiated. Such a frame has exactly
+    one meaning (RFC 6455 5.2, 5.3), which this fast path produces with a few C-level
+    operations; its payload is validated as UTF-8 like wsproto does. Anything else —
+    including a fast-path candidate whose text is not UTF-8 — is handed, byte for byte
+    and at a frame boundary, to wsproto, which then decides. ``tests/test_fastpath.py``
+    checks that both paths give the same results for the same bytes. Replies are framed
+    the same way: an unfragmented, unmasked frame (RFC 6455 5.1: servers do not mask).
+    Set ``WSROUTE_SYNC_PURE_WSPROTO=1`` to send every frame through wsproto.
     """
 
-    __slots__ = ("_ws", "_max_size", "_parts", "_size", "_text")
+    __slots__ = (
+        "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_buf", "_need",
+        "_slow_left", "_fragmented",
+    )
 
-    def __init__(self, ws: Connection, *, max_message_size: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        ws: Connection,
+        *,
+        max_message_size: Optional[int] = None,
+        extensions: bool = False,
+    ) -> None:
         self._ws = ws
         self._max_size = max_message_size
         self._parts: List[Any] = []
         self._size = 0
         self._text = False
+        # The fast path needs wsproto's view of the stream to be "between frames, no
+        # extension": compression (RSV1, inflating) is wsproto's job alone.
+        self._fast = not extensions and not _pure_wsproto_requested()
+        self._buf = bytearray()  # bytes of an incomplete frame held back for the fast path
+        self._need = 0  # bytes _buf must hold before it is worth parsing again
+        self._slow_left = 0  # bytes of the current frame still owed to wsproto
+        self._fragmented = False  # a fragmented data message is open inside wsproto
 
     @property
     def open(self) -> bool:
@@ -274,30 +319,154 @@ class MessageStream:
 
     def receive(self, data: Optional[bytes]) -> List[Outcome]:
         """Feed bytes read from the socket (``None`` for end of stream)."""
-        ws = self._ws
-        out: List[Outcome] = []
-        if ws.state is ConnectionState.CLOSED:
+        if not self._fast or data is None:
+            out: List[Outcome] = []
+            self._wsproto_receive(data, out)
             return out
+        if self._buf:
+            self._buf += data
+            if len(self._buf) < self._need:
+                return []  # still inside one frame: no parsing until it is complete
+            buf: Union[bytes, bytearray] = self._buf
+            self._buf = bytearray()
+        else:
+            buf = data
+        return self._split(buf)
+
+    def _split(self, buf: Union[bytes, bytearray]) -> List[Outcome]:
+        """Walk the frames in ``buf``: decode simple ones here, pass the rest to wsproto."""
+        out: List[Outcome] = []
+        end = len(buf)
+        pos = 0
+        max_size = self._max_size
+        ws = self._ws
+        while pos < end:
+            if self._slow_left:
+                # The middle of a frame wsproto has started: it gets the rest of it.
+                take = min(self._slow_left, end - pos)
+                self._slow_left -= take
+                if self._wsproto_receive(bytes(buf[pos:pos + take]), out):
+                    return out
+                pos += take
+                continue
+            if end - pos < 2:
+                self._hold(buf, pos, 2)
+                return out
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            header = 2
+            if length == 126:
+                if end - pos < 4:
+                    self._hold(buf, pos, 4)
+                    return out
+                length = _from_bytes(buf[pos + 2:pos + 4], "big")
+                header = 4
+                minimal = length > 125
+            elif length == 127:
+                if end - pos < 10:
+                    self._hold(buf, pos, 10)
+                    return out
+                length = _from_bytes(buf[pos + 2:pos + 10], "big")
+                header = 10
+                minimal = 65535 < length < (1 << 63)
+            else:
+                minimal = True
+            opcode = b0 & 0x0F
+            if (
+                max_size is not None
+                and length > max_size
+                and minimal
+                and b1 & 0x80
+                and not b0 & 0x70
+                and (opcode == 0) is self._fragmented
+                and (opcode < 3)
+            ):
+                # A valid data frame whose header alone says it is too big: refuse it
+                # now instead of reading the payload (wsproto would reach 1009 too, once
+                # max_size bytes of it had arrived).
+                out.append(self._too_big(length))
+                return out
+            if b1 & 0x80:
+                header += 4
+            total = header + length
+            if (
+                (b0 == _FIN_TEXT or b0 == _FIN_BINARY)
+                and b1 & 0x80
+                and minimal
+                and not self._fragmented
+                and ws.state is ConnectionState.OPEN
+            ):
+                if end - pos < total:
+                    if max_size is not None or total <= _UNLIMITED_HOLD:
+                        # Wait for the whole frame; the size check above bounds it.
+                        self._hold(buf, pos, total)
+                        return out
+                else:
+                    payload = buf[pos + header:total + pos]
+                    if length:
+                        mask = buf[pos + header - 4:pos + header]
+                        key = (mask * ((length + 3) >> 2))[:length]
+                        payload = (
+                            _from_bytes(payload, "little") ^ _from_bytes(key, "little")
+                        ).to_bytes(length, "little")
+                    else:
+                        payload = b""
+                    if b0 == _FIN_BINARY:
+                        out.append(bytes(payload))
+                        pos += total
+                        continue
+                    try:
+                        out.append(payload.decode("utf-8"))
+                        pos += total
+                        continue
+                    except UnicodeDecodeError:
+                        pass  # wsproto reports it (1007), from the same bytes
+            # Everything else is wsproto's: from this frame boundary, the whole frame.
+            if opcode < 3:
+                if opcode != 0:
+                    self._fragmented = not (b0 & 0x80)
+                elif b0 & 0x80:
+                    self._fragmented = False
+            take = min(total, end - pos)
+            self._slow_left = total - take
+            if self._wsproto_receive(bytes(buf[pos:pos + take]), out):
+                return out
+            pos += take
+        return out
+
+    def _hold(self, buf: Union[bytes, bytearray], pos: int, need: int) -> None:
+        self._buf = bytearray(buf[pos:])
+        self._need = need
+
+    def _wsproto_receive(self, data: Optional[bytes], out: List[Outcome]) -> bool:
+        """Let wsproto process ``data``; ``True`` once the stream has ended."""
+        ws = self._ws
+        if ws.state is ConnectionState.CLOSED:
+            return True
         ws.receive_data(data)
         max_size = self._max_size
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
                 payload = event.data  # type: ignore[attr-defined]
+                # The limit is in bytes; wsproto hands text over decoded.
+                size = len(payload) if kind is BytesMessage or payload.isascii() else len(
+                    payload.encode("utf-8"))
                 if event.message_finished and not self._parts:  # type: ignore[attr-defined]
                     # The common case, one frame per message: no copy, no join.
-                    if max_size is not None and len(payload) > max_size:
-                        out.append(self._too_big(len(payload)))
-                        return out
+                    if max_size is not None and size > max_size:
+                        out.append(self._too_big(size))
+                        return True
                     if ws.state is ConnectionState.OPEN:
                         out.append(payload if kind is TextMessage else bytes(payload))
                     continue
                 self._parts.append(payload)
-                self._size += len(payload)
+                self._size += size
                 self._text = kind is TextMessage
                 if max_size is not None and self._size > max_size:
                     out.append(self._too_big(self._size))
-                    return out
+                    return True
                 if event.message_finished:  # type: ignore[attr-defined]
                     joined: Message = "".join(self._parts) if self._text else b"".join(
                         self._parts
@@ -327,8 +496,8 @@ class MessageStream:
                     # wsproto reports a ParseFailed as a CloseConnection without moving
                     # its state: the peer broke the protocol (1002, 1007...).
                     out.append(ProtocolFailure(code, reason))
-                return out
-        return out
+                return True
+        return False
 
     def _too_big(self, size: int) -> ProtocolFailure:
         self._parts = []
@@ -342,6 +511,21 @@ class MessageStream:
 
         Raises wsproto's ``LocalProtocolError`` once closing has started.
         """
+        if self._fast and self._ws.state is ConnectionState.OPEN:
+            # An unfragmented server frame: FIN, no RSV, no mask (RFC 6455 5.2). This is
+            # what wsproto's serialiser writes for it; wsproto keeps no state for it.
+            if type(data) is str:
+                payload = data.encode("utf-8")
+                first = _FIN_TEXT
+            else:
+                payload = data  # type: ignore[assignment]
+                first = _FIN_BINARY
+            n = len(payload)
+            if n < 126:
+                return bytes((first, n)) + payload
+            if n < 65536:
+                return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+            return bytes((first, 127)) + n.to_bytes(8, "big") + payload
         return self._ws.send(
             TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         )
