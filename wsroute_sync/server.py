@@ -30,10 +30,12 @@ from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
 from .routing import Dispatcher, Handler, resolve_handler
 
-__all__ = ["Server", "parse_address", "MessageHandler"]
+__all__ = ["Server", "parse_address", "MessageHandler", "HTTPHandler"]
 
 #: A raw message hook: ``message_handler(connection, message) -> reply or None``.
 MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
+#: A plain HTTP page: ``handler(request) -> (status, content_type, body)``.
+HTTPHandler = Callable[[HTTPRequest], Tuple[int, str, Union[bytes, str]]]
 
 # Refused connections (over the limit) wait in the accept loop's selector for the
 # client to read the 503 and hang up; past this many they are closed at once.
@@ -233,6 +235,7 @@ class Server:
         self.max_connections = max_connections
         # The registry: a dict guarded by a lock; handlers are called outside it.
         self._handlers: Dict[str, Handler] = {}
+        self._http_handlers: Dict[str, HTTPHandler] = {}
         self._handlers_lock = threading.Lock()
         self._dispatcher = Dispatcher(
             self._lookup, Context, logger=self.logger, handler_timeout=handler_timeout
@@ -294,6 +297,19 @@ class Server:
             return handler
 
         return decorator
+
+    def register_http(self, path: str, handler: HTTPHandler) -> None:
+        """Answer plain ``GET``/``HEAD`` requests for ``path`` (no WebSocket upgrade).
+
+        ``handler(request)`` returns ``(status, content_type, body)``; it runs in the
+        connection's thread before any upgrade, e.g. to serve a page that connects back.
+        """
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError("an HTTP path starts with '/'")
+        if not callable(handler):
+            raise TypeError("an HTTP handler is a callable handler(request)")
+        with self._handlers_lock:
+            self._http_handlers[path] = handler
 
     @property
     def routes(self) -> List[str]:
@@ -723,6 +739,16 @@ class Server:
                     503 if self._closing else 200, body,
                     content_type="application/json", head_only=head_only,
                 )
+            with self._handlers_lock:
+                page = self._http_handlers.get(request.path)
+            if page is not None:
+                try:
+                    status, content_type, body = page(request)
+                except Exception:
+                    self.logger.error("HTTP handler for %s failed", request.path, exc_info=True)
+                    return http_response(500, "internal error\n", head_only=head_only)
+                return http_response(status, body, content_type=content_type,
+                                     head_only=head_only)
         return http_response(
             426,
             "This is a WebSocket endpoint: connect with a WebSocket client.\n",
