@@ -743,11 +743,11 @@ class Server:
                 page = self._http_handlers.get(request.path)
             if page is not None:
                 try:
-                    status, content_type, body = page(request)
+                    status, content_type, page_body = page(request)
                 except Exception:
                     self.logger.error("HTTP handler for %s failed", request.path, exc_info=True)
                     return http_response(500, "internal error\n", head_only=head_only)
-                return http_response(status, body, content_type=content_type,
+                return http_response(status, page_body, content_type=content_type,
                                      head_only=head_only)
         return http_response(
             426,
