@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 import pytest
 
 from wsroute_sync.errors import HandlerError
+from wsroute_sync.metrics import ConnectionMetrics
 from wsroute_sync.routing import (
     Dispatcher,
     EnvelopeError,
@@ -100,12 +101,16 @@ def test_resolve_handler() -> None:
         resolve_handler(None)
 
 
-def _dispatcher(handlers: dict, kinds: Optional[List[str]] = None) -> Dispatcher:
-    d = Dispatcher(handlers.get, lambda r, p, c, dl: (r, p, c, dl),
-                   logger=logging.getLogger("test.dispatch"), handler_timeout=None)
-    if kinds is not None:
-        d.on_error = kinds.append
-    return d
+class FakeConnection:
+    """What the dispatcher needs of a connection: somewhere to count."""
+
+    def __init__(self) -> None:
+        self.metrics = ConnectionMetrics()
+
+
+def _dispatcher(handlers: dict) -> Dispatcher:
+    return Dispatcher(handlers.get, lambda r, p, c, dl: (r, p, c, dl),
+                      logger=logging.getLogger("test.dispatch"), handler_timeout=None)
 
 
 def test_dispatch_passes_params_as_utf8_json_bytes_and_ctx() -> None:
@@ -116,24 +121,26 @@ def test_dispatch_passes_params_as_utf8_json_bytes_and_ctx() -> None:
         return message
 
     d = _dispatcher({"r": handler})
-    assert d.dispatch("conn", '{"Route":"r","Params":{"k":"é","n":[1, 2]}}') == '{"k":"é","n":[1,2]}'
-    assert seen == [(("r", {"k": "é", "n": [1, 2]}, "conn", None),
+    conn = FakeConnection()
+    assert d.dispatch(conn, '{"Route":"r","Params":{"k":"é","n":[1, 2]}}') == '{"k":"é","n":[1,2]}'
+    assert seen == [(("r", {"k": "é", "n": [1, 2]}, conn, None),
                      '{"k":"é","n":[1,2]}'.encode())]
+    assert sum(conn.metrics.latency["r"][:-1]) == 1
 
 
-def test_dispatch_reports_error_kinds() -> None:
-    kinds: List[str] = []
-
+def test_dispatch_counts_error_kinds() -> None:
     def chosen(ctx: Any, m: bytes) -> None:
         raise HandlerError("why")
 
-    d = _dispatcher({"chosen": chosen, "crash": lambda c, m: 1 / 0, "bad": lambda c, m: {1}},
-                    kinds)
+    d = _dispatcher({"chosen": chosen, "crash": lambda c, m: 1 / 0, "bad": lambda c, m: {1}})
+    conn = FakeConnection()
     for message in ("x", "[]", '{"Route":"no"}', '{"Route":"chosen"}', '{"Route":"crash"}',
                     '{"Route":"bad"}'):
-        reply = d.dispatch(None, message)
+        reply = d.dispatch(conn, message)
         assert isinstance(reply, str) and json.loads(reply)["code"] == 1
-    assert kinds == ["invalid_json", "invalid_request", "unknown_route", "handler_error",
-                     "handler_exception", "bad_result"]
-    assert d.dispatch(None, b"x") == error_envelope(
+    assert conn.metrics.errors == {"invalid_json": 1, "invalid_request": 1, "unknown_route": 1,
+                                   "handler_error": 1, "handler_exception": 1, "bad_result": 1}
+    # Failed handlers are timed too; unknown routes are not.
+    assert set(conn.metrics.latency) == {"chosen", "crash", "bad"}
+    assert d.dispatch(conn, b"x") == error_envelope(
         "invalid JSON: Expecting value at position 0").encode()

@@ -21,6 +21,7 @@ from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
 from .errors import ConnectionClosed, HandshakeRejected
+from .metrics import ConnectionMetrics
 from .http import BadRequest, HTTPRequest, find_head_end, http_response, parse_request_head
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
@@ -89,6 +90,8 @@ class ServerConnection:
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self.opened_at = time.time()
+        #: Counters written by this connection's thread (read by ``server.stats()``).
+        self.metrics = ConnectionMetrics()
         self.thread: Optional[threading.Thread] = None
         self._sock = sock
         self._stream: Optional[MessageStream] = None
@@ -214,12 +217,51 @@ class ServerConnection:
             except OSError as exc:
                 self._write_failed(f"write failed: {exc}")
                 return False
+        self.metrics.messages_out += 1
         return True
+
+    def _frame_shared(self, data: Union[str, bytes], shared: Dict[bool, bytes]
+                      ) -> Optional[bytes]:
+        """The frame for ``data`` (send lock held); ``None`` if closing.
+
+        Connections without an extension all write the same bytes for a message, so a
+        broadcast frames it once (``shared``); a compressing one frames its own.
+        """
+        stream = self._stream
+        if stream is None or self._finished:
+            return None
+        plain = stream.plain
+        if plain and True in shared:
+            return shared[True]
+        try:
+            frame = stream.send(data)
+        except LocalProtocolError:
+            return None
+        if plain:
+            shared[True] = frame
+        return frame
+
+    def _write_nowait(self, data: memoryview) -> Optional[memoryview]:
+        """Write what the socket takes now (send lock held); the rest, or ``None`` on error."""
+        try:
+            n = self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            self._write_failed(f"write failed: {exc}")
+            return None
+        return data[n:]
 
     def _write_failed(self, why: str) -> None:
         self._logger.info("connection %s: %s; dropping it", self.id, why)
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, why
+        try:
+            # A client that cannot take our data will not read what is queued for it
+            # either: close with RST, so the kernel frees that memory now.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
         self._abort()
 
     def _set_read_timeout(self, seconds: Optional[float]) -> None:
@@ -326,12 +368,16 @@ class ServerConnection:
         stream = MessageStream(
             ws, max_message_size=options.max_message_size, extensions=deflate
         )
-        try:
-            sock.sendall(response)
-        except OSError as exc:
-            self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
-            return False
-        self._stream = stream
+        # Open for sending before the client can see the 101 (a broadcast made after the
+        # client connected must reach it), but under the send lock, so that no frame
+        # can be written ahead of the 101 response.
+        with self._send_lock:
+            self._stream = stream
+            try:
+                sock.sendall(response)
+            except OSError as exc:
+                self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
+                return False
         self._pending = rest
         self._logger.debug("connection %s: open from %s, path %s", self.id,
                            self.remote_address, request.path)
@@ -389,6 +435,7 @@ class ServerConnection:
             sock.settimeout(ping_interval or options.write_timeout)
         handle = server._message_handler
         send = self._send
+        metrics = self.metrics
         recv = sock.recv
         awaiting_pong = False
         closing = False  # we sent Close and wait for the client's (close_timeout applies)
@@ -430,6 +477,7 @@ class ServerConnection:
             for item in stream.receive(data):
                 kind = type(item)
                 if kind is str or kind is bytes:
+                    metrics.messages_in += 1
                     reply = handle(self, item)  # type: ignore[arg-type]
                     if reply is not None:
                         send(reply)

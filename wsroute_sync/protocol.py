@@ -317,6 +317,11 @@ class MessageStream:
     def state(self) -> ConnectionState:
         return self._ws.state
 
+    @property
+    def plain(self) -> bool:
+        """True when frames are written without extension: the same bytes for everyone."""
+        return self._fast
+
     def receive(self, data: Optional[bytes]) -> List[Outcome]:
         """Feed bytes read from the socket (``None`` for end of stream)."""
         if not self._fast or data is None:

@@ -139,7 +139,7 @@ class Dispatcher:
     connection, deadline)`` builds the ``ctx``. Handlers run in the caller's thread.
     """
 
-    __slots__ = ("_lookup", "_make_context", "_logger", "_handler_timeout", "on_error")
+    __slots__ = ("_lookup", "_make_context", "_logger", "_handler_timeout")
 
     def __init__(
         self,
@@ -153,29 +153,30 @@ class Dispatcher:
         self._make_context = make_context
         self._logger = logger
         self._handler_timeout = handler_timeout
-        #: Called with an error kind ("invalid_json", "unknown_route"...) for metrics.
-        self.on_error: Optional[Callable[[str], None]] = None
 
-    def _error(self, kind: str, msg: str, text: bool) -> Message:
-        if self.on_error is not None:
-            self.on_error(kind)
+    @staticmethod
+    def _error(connection: Any, kind: str, msg: str, text: bool) -> Message:
+        # ``kind`` ("invalid_json", "unknown_route"...) labels the error metrics.
+        connection.metrics.error(kind)
         envelope = error_envelope(msg)
         return envelope if text else envelope.encode("utf-8")
 
     def dispatch(self, connection: Any, message: Message) -> Optional[Message]:
         """Handle one request message from ``connection``; return the reply or ``None``.
 
-        This is the server's ``message_handler`` in routed mode.
+        This is the server's ``message_handler`` in routed mode. ``connection`` has a
+        ``metrics`` attribute (:class:`~wsroute_sync.metrics.ConnectionMetrics`).
         """
         text = type(message) is str
         try:
             route, params = parse_envelope(message)
         except EnvelopeError as exc:
             kind = "invalid_json" if exc.msg.startswith("invalid JSON") else "invalid_request"
-            return self._error(kind, exc.msg, text)
+            return self._error(connection, kind, exc.msg, text)
         handler = self._lookup(route)
         if handler is None:
-            return self._error("unknown_route", f"unknown route: {_quote_route(route)}", text)
+            return self._error(connection, "unknown_route", f"unknown route: {_quote_route(route)}",
+                               text)
         logger = self._logger
         timeout = self._handler_timeout
         start = time.monotonic()
@@ -184,14 +185,18 @@ class Dispatcher:
         try:
             result = handler(ctx, _dumps(params).encode("utf-8"))
         except HandlerError as exc:
-            return self._error("handler_error", exc.message, text)
+            connection.metrics.observe(route, time.monotonic() - start)
+            return self._error(connection, "handler_error", exc.message, text)
         except Exception:
+            connection.metrics.observe(route, time.monotonic() - start)
             logger.error("handler for route %r failed", _quote_route(route), exc_info=True)
-            return self._error("handler_exception", INTERNAL_ERROR_MESSAGE, text)
-        if deadline is not None and time.monotonic() > deadline:
+            return self._error(connection, "handler_exception", INTERNAL_ERROR_MESSAGE, text)
+        finished = time.monotonic()
+        connection.metrics.observe(route, finished - start)
+        if deadline is not None and finished > deadline:
             logger.warning(
                 "handler for route %r overran its %.3gs deadline by %.3fs",
-                _quote_route(route), timeout, time.monotonic() - deadline,
+                _quote_route(route), timeout, finished - deadline,
             )
         try:
             return encode_result(result, text)
@@ -205,4 +210,4 @@ class Dispatcher:
                 "handler for route %r returned a value JSON cannot encode: %s",
                 _quote_route(route), type(result).__name__, exc_info=True,
             )
-        return self._error("bad_result", INTERNAL_ERROR_MESSAGE, text)
+        return self._error(connection, "bad_result", INTERNAL_ERROR_MESSAGE, text)

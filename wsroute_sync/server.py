@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from .connection import ServerConnection
 from .context import Context
@@ -28,7 +28,8 @@ from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
-from .routing import Dispatcher, Handler, resolve_handler
+from .metrics import Totals, render_prometheus
+from .routing import Dispatcher, Handler, encode_result, resolve_handler
 
 __all__ = ["Server", "parse_address", "MessageHandler", "HTTPHandler"]
 
@@ -44,6 +45,17 @@ _LINGER_SECONDS = 2.0
 # Accepting in batches keeps a burst of connects from starving the wake-up pipe.
 _ACCEPT_BATCH = 64
 _LISTEN_BACKLOG = 1024
+
+
+def _as_message(message: Any) -> Message:
+    """``str`` and bytes-like as they are; anything else as JSON text."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message)
+    encoded = encode_result(message, True)
+    assert isinstance(encoded, str)
+    return encoded
 
 
 def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
@@ -249,8 +261,7 @@ class Server:
         self._connections_lock = threading.Lock()
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
-        self._accepted = 0
-        self._rejected = 0
+        self._totals = Totals()
         # Lifecycle.
         self._state_lock = threading.Lock()
         self._listener: Optional[socket.socket] = None
@@ -339,32 +350,124 @@ class Server:
         message: Any,
         *,
         predicate: Optional[Callable[[ServerConnection], bool]] = None,
+        timeout: Optional[float] = None,
     ) -> int:
         """Send ``message`` to every open connection (or those ``predicate`` picks).
 
-        Safe from any thread; closed connections are skipped without raising. Returns how
-        many connections it was sent to.
+        Safe from any thread; closed connections are skipped without raising. ``str``
+        goes as text, bytes as binary, anything else as JSON text. Writes never block on
+        one client: every socket is written without waiting, and clients whose buffers
+        are full are served as they drain, together, for at most ``timeout`` seconds
+        (default ``write_timeout``, else 10). A client still behind after that cannot
+        take even a Close frame, so it is disconnected and logged. Returns how many
+        connections received the whole message.
         """
+        data = _as_message(message)
+        limit = timeout if timeout is not None else (self.options.write_timeout or 10.0)
+        deadline = time.monotonic() + limit
+        shared: Dict[bool, bytes] = {}  # one frame for every connection on the fast path
+        waiting: List[ServerConnection] = []  # their own thread is writing: try again
+        writing: Dict[socket.socket, Tuple[ServerConnection, memoryview]] = {}
         sent = 0
+
+        def start(connection: ServerConnection) -> None:
+            nonlocal sent
+            frame = connection._frame_shared(data, shared)
+            if frame is None:
+                connection._send_lock.release()
+                return
+            rest = connection._write_nowait(memoryview(frame))
+            if rest is None:
+                connection._send_lock.release()
+            elif len(rest) == 0:
+                connection.metrics.messages_out += 1
+                connection._send_lock.release()
+                sent += 1
+            else:
+                writing[connection._sock] = (connection, rest)
+
         for connection in self.connections:
             if not connection.open or (predicate is not None and not predicate(connection)):
                 continue
-            try:
-                connection.send(message)
-            except Exception:  # ConnectionClosed, or a write that failed: skip it
-                continue
-            sent += 1
+            if connection._send_lock.acquire(blocking=False):
+                start(connection)
+            else:
+                waiting.append(connection)
+        if not waiting and not writing:
+            return sent
+        selector = selectors.DefaultSelector()
+        try:
+            for sock in writing:
+                selector.register(sock, selectors.EVENT_WRITE)
+            while (waiting or writing) and time.monotonic() < deadline:
+                for connection in list(waiting):
+                    if connection._send_lock.acquire(blocking=False):
+                        waiting.remove(connection)
+                        start(connection)
+                        if connection._sock in writing:
+                            selector.register(connection._sock, selectors.EVENT_WRITE)
+                if not writing:
+                    if waiting:
+                        # Only locks to wait for: a short pause, bounded by the deadline.
+                        waiting[0]._send_lock.acquire(timeout=min(0.005, limit))
+                        waiting[0]._send_lock.release()
+                    continue
+                wait = max(0.0, min(deadline - time.monotonic(), 0.005 if waiting else 1.0))
+                for key, _ in selector.select(wait):
+                    sock = cast(socket.socket, key.fileobj)
+                    connection, rest = writing[sock]
+                    left = connection._write_nowait(rest)
+                    if left is None or len(left) == 0:
+                        selector.unregister(sock)
+                        del writing[sock]
+                        if left is not None:
+                            connection.metrics.messages_out += 1
+                            sent += 1
+                        connection._send_lock.release()
+                    else:
+                        writing[sock] = (connection, left)
+        finally:
+            selector.close()
+            for connection, _ in writing.values():
+                self.logger.warning(
+                    "connection %s: too slow to take a broadcast within %.3gs; dropping it",
+                    connection.id, limit,
+                )
+                connection._write_failed("broadcast write timed out")
+                connection._send_lock.release()
+            for connection in waiting:
+                self.logger.warning(
+                    "connection %s: busy writing for %.3gs, broadcast not delivered; dropping it",
+                    connection.id, limit,
+                )
+                connection._abort()
         return sent
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: active, max, accepted and rejected connections."""
+        """The server's numbers: connections, messages, errors, handler latency."""
+        with self._connections_lock:
+            live = [c.metrics for c in self._connections.values()]
+            active = len(live)
+            totals = self._totals.snapshot(live)
         return {
-            "active": self.active_connections,
+            "active": active,
             "max": self.max_connections,
-            "accepted": self._accepted,
-            "rejected": self._rejected,
+            "accepted": totals.accepted,
+            "rejected": totals.rejected,
+            "messages_in": totals.messages_in,
+            "messages_out": totals.messages_out,
+            "errors": dict(sorted(totals.errors.items())),
+            "handler_latency": totals.latency_summary(),
             "closing": self._closing,
         }
+
+    def metrics_text(self) -> str:
+        """:meth:`stats` in the Prometheus text format, as ``GET /metrics`` serves it."""
+        with self._connections_lock:
+            live = [c.metrics for c in self._connections.values()]
+            totals = self._totals.snapshot(live)
+            stats = {"active": len(live), "max": self.max_connections}
+        return render_prometheus(stats, totals)
 
     # Lifecycle.
 
@@ -614,14 +717,14 @@ class Server:
         lingering: Dict[socket.socket, float],
     ) -> None:
         if not self._slots.acquire(blocking=False):
-            self._rejected += 1
+            self._totals.rejected += 1
             self.logger.warning(
                 "too many connections (max %d): refusing %s with 503", self.max_connections,
                 remote,
             )
             self._refuse_over_limit(sock, selector, lingering)
             return
-        self._accepted += 1
+        self._totals.accepted += 1
         if self._ssl_context is not None:
             sock = self._ssl_context.wrap_socket(
                 sock, server_side=True, do_handshake_on_connect=False
@@ -699,6 +802,7 @@ class Server:
     def _connection_done(self, connection: ServerConnection) -> None:
         with self._connections_lock:
             self._connections.pop(connection.id, None)
+            self._totals.add(connection.metrics)
         self._slots.release()
         self.logger.debug(
             "connection %s: closed (%s %s)", connection.id, connection.close_code,
@@ -738,6 +842,11 @@ class Server:
                 return http_response(
                     503 if self._closing else 200, body,
                     content_type="application/json", head_only=head_only,
+                )
+            if options.metrics_path is not None and request.path == options.metrics_path:
+                return http_response(
+                    200, self.metrics_text(), head_only=head_only,
+                    content_type="text/plain; version=0.0.4; charset=utf-8",
                 )
             with self._handlers_lock:
                 page = self._http_handlers.get(request.path)
