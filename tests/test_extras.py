@@ -248,3 +248,54 @@ def test_unix_socket() -> None:
                 ws.send('{"Route":"echo","Params":"over unix"}')
                 assert ws.recv(timeout=TIMEOUT) == '"over unix"'
         assert not os.path.exists(path)  # removed on close
+
+
+def test_basic_auth_and_identity_on_ctx() -> None:
+    import base64
+
+    from wsroute_sync import basic_auth
+
+    srv = make_server(authenticate=basic_auth({"ann": "s3cret"}, realm="demo"))
+    srv.register("whoami", lambda ctx, m: ctx.identity)
+
+    def creds(user: str, password: str) -> dict:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    with running(srv):
+        with connect(url(srv), additional_headers=creds("ann", "s3cret")) as ws:
+            ws.send('{"Route":"whoami"}')
+            assert ws.recv(timeout=TIMEOUT) == "ann"
+        for extra in ([], [("Authorization", "Basic !!!")], [("Authorization", "Bearer x")],
+                      list(creds("ann", "wrong").items()), list(creds("bob", "s3cret").items())):
+            with RawClient(srv.address) as client:
+                client.send_raw(handshake_request("x", extra=extra))
+                assert client.read_response() == 401
+                assert client.headers["www-authenticate"] == 'Basic realm="demo", charset="UTF-8"'
+    with pytest.raises(TypeError):
+        basic_auth()
+
+
+def test_authenticate_hook_refusals() -> None:
+    from wsroute_sync import HandshakeRejected
+
+    def hook(request: HTTPRequest) -> Any:
+        token = request.headers.get("x-token")
+        if token == "boom":
+            raise RuntimeError("hook bug")
+        if token == "teapot":
+            raise HandshakeRejected(418, "no coffee")
+        return {"user": token} if token else None
+
+    srv = make_server(authenticate=hook)
+    srv.register("who", lambda ctx, m: ctx.identity)
+    with running(srv):
+        with connect(url(srv), additional_headers={"X-Token": "t1"}) as ws:
+            ws.send('{"Route":"who"}')
+            assert ws.recv(timeout=TIMEOUT) == '{"user":"t1"}'
+        for extra, status in (([], 403), ([("X-Token", "teapot")], 418),
+                              ([("X-Token", "boom")], 500)):
+            with RawClient(srv.address) as client:
+                client.send_raw(handshake_request("x", extra=extra))
+                assert client.read_response() == status
+                assert b"hook bug" not in client.body

@@ -11,6 +11,7 @@
     server.serve(":8080")
 """
 
+from .auth import basic_auth
 from .connection import ServerConnection
 from .context import Context
 from .errors import (
@@ -41,6 +42,7 @@ __all__ = [
     "with_logger",
     "with_option",
     "error_envelope",
+    "basic_auth",
     "WSRouteError",
     "HandlerError",
     "HandshakeRejected",
