@@ -7,11 +7,15 @@ import logging
 from typing import Any, List, Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsroute_sync.errors import HandlerError
 from wsroute_sync.metrics import ConnectionMetrics
 from wsroute_sync.routing import (
     Dispatcher,
+    _parse_with_loads,
+    parse_request,
     EnvelopeError,
     encode_result,
     error_envelope,
@@ -122,9 +126,10 @@ def test_dispatch_passes_params_as_utf8_json_bytes_and_ctx() -> None:
 
     d = _dispatcher({"r": handler})
     conn = FakeConnection()
-    assert d.dispatch(conn, '{"Route":"r","Params":{"k":"é","n":[1, 2]}}') == '{"k":"é","n":[1,2]}'
+    # The handler gets Params as the client spelled it (like Go's json.RawMessage).
+    assert d.dispatch(conn, '{"Route":"r","Params":{"k":"é","n":[1, 2]}}') == '{"k":"é","n":[1, 2]}'
     assert seen == [(("r", {"k": "é", "n": [1, 2]}, conn, None),
-                     '{"k":"é","n":[1,2]}'.encode())]
+                     '{"k":"é","n":[1, 2]}'.encode())]
     assert sum(conn.metrics.latency["r"][:-1]) == 1
 
 
@@ -144,3 +149,54 @@ def test_dispatch_counts_error_kinds() -> None:
     assert set(conn.metrics.latency) == {"chosen", "crash", "bad"}
     assert d.dispatch(conn, b"x") == error_envelope(
         "invalid JSON: Expecting value at position 0").encode()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    members=st.lists(
+        st.tuples(st.sampled_from(["Route", "route", "ROUTE", "Params", "params", "x", "é"]),
+                  json_values),
+        max_size=4,
+    ),
+    spacing=st.sampled_from(["", " ", "\n\t "]),
+    junk=st.sampled_from(["", "", ",", "}", " x", "]"]),
+    binary=st.booleans(),
+)
+def test_request_walk_agrees_with_json_loads(members: List[Any], spacing: str, junk: str,
+                                             binary: bool) -> None:
+    """parse_request's own walk of the envelope and json.loads agree on every input."""
+    sp = spacing
+    body = ("," + sp).join(f"{json.dumps(k)}{sp}:{sp}{json.dumps(v)}" for k, v in members)
+    message: Any = sp + "{" + sp + body + sp + "}" + junk
+    if binary:
+        message = message.encode("utf-8")
+    try:
+        expected: Any = _parse_with_loads(message)
+    except EnvelopeError as exc:
+        expected = exc.msg
+    try:
+        got: Any = parse_request(message)
+    except EnvelopeError as exc:
+        got = exc.msg
+    if isinstance(expected, tuple):
+        assert isinstance(got, tuple)
+        # Route and decoded Params are the same; the Params text is the client's own
+        # spelling of the same JSON value.
+        assert got[:2] == expected[:2]
+        assert json.loads(got[2]) == json.loads(expected[2])
+    else:
+        assert got == expected
+
+
+def test_params_text_is_the_clients_own_spelling() -> None:
+    assert parse_request('{"Route":"r","Params": {"b": 2, "a": [1,  2]} }')[2] == (
+        '{"b": 2, "a": [1,  2]}')
+    assert parse_request('{"Route":"r"}')[2] == "null"

@@ -65,7 +65,8 @@ def test_interop_with_websocket_client(server: Server) -> None:
         ("3.5", "3.5"),
         ('"text é"', '"text é"'),
         ("[1,[2,{}]]", "[1,[2,{}]]"),
-        ('{"a": {"b": [1, 2]}}', '{"a":{"b":[1,2]}}'),
+        # Params reach the handler as the client spelled them, spaces and all.
+        ('{"a": {"b": [1, 2]}}', '{"a": {"b": [1, 2]}}'),
     ],
 )
 def test_params_of_every_json_type_reach_the_handler(params: str, expected: str) -> None:

@@ -22,7 +22,14 @@ from wsproto.utilities import LocalProtocolError
 
 from .errors import ConnectionClosed, HandshakeRejected
 from .metrics import ConnectionMetrics
-from .http import BadRequest, HTTPRequest, find_head_end, http_response, parse_request_head
+from .http import (
+    BadRequest,
+    HTTPRequest,
+    check_request_start,
+    find_head_end,
+    http_response,
+    parse_request_head,
+)
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
     CloseReceived,
@@ -42,9 +49,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ServerConnection"]
 
-# A read of 64 KiB takes a whole 64 KiB frame in one call and costs nothing more than a
-# small read when less is waiting: CPython sizes the bytes object to what arrived.
-_RECV_SIZE = 65536
+# CPython allocates the whole buffer of a recv() before it blocks, so an idle connection
+# holds its read size in memory for as long as it waits. Reads start small (a JSON
+# request fits in a few hundred bytes) and grow while they come back full, so that a
+# large message still arrives in few system calls; the next short read shrinks them.
+_RECV_SMALL = 2048
+_RECV_LARGE = 262144
+# The request head is read in small pieces too: a slow client must not pin much memory.
+_HEAD_READ = 4096
 # How long a refused client gets to read our answer before the socket is closed.
 _LINGER_SECONDS = 1.0
 
@@ -321,7 +333,7 @@ class ServerConnection:
                     return False
                 sock.settimeout(remaining)
             try:
-                chunk = sock.recv(_RECV_SIZE)
+                chunk = sock.recv(_HEAD_READ)
             except socket.timeout:
                 self._refuse_timeout()
                 return False
@@ -333,6 +345,14 @@ class ServerConnection:
                 return False
             start = len(buffer)
             buffer += chunk
+            if start < 16:
+                # Refuse a TLS hello or binary junk now: it never ends with a blank
+                # line, so waiting for one would hold the slot for handshake_timeout.
+                try:
+                    check_request_start(buffer)
+                except BadRequest as exc:
+                    self._refuse(exc.status, exc.reason)
+                    return False
             end = find_head_end(buffer, start)
             if (end < 0 and len(buffer) > limit) or end > limit:
                 self._refuse(431, f"request head larger than {limit} bytes")
@@ -356,9 +376,14 @@ class ServerConnection:
             )
             if options.authenticate is not None:
                 self.identity = server._authenticate(request)
-            response, ws, self.subprotocol, deflate = accept_upgrade(
-                request, subprotocols=options.subprotocols, compression=options.compression
-            )
+            try:
+                response, ws, self.subprotocol, deflate = accept_upgrade(
+                    request, subprotocols=options.subprotocols, compression=options.compression
+                )
+            except ValueError as exc:
+                # wsproto parses extension parameters with int() and lets the error out:
+                # "permessage-deflate; client_max_window_bits=abc" is the client's fault.
+                raise HandshakeRejected(400, "invalid Sec-WebSocket-Extensions") from exc
         except HandshakeRejected as exc:
             self._logger.info(
                 "connection %s: handshake refused with %d: %s", self.id, exc.status, exc.reason
@@ -405,7 +430,7 @@ class ServerConnection:
             deadline = time.monotonic() + _LINGER_SECONDS
             drained = 0
             while drained < (1 << 20) and time.monotonic() < deadline:
-                chunk = sock.recv(_RECV_SIZE)
+                chunk = sock.recv(_HEAD_READ)
                 if not chunk:
                     break
                 drained += len(chunk)
@@ -441,10 +466,11 @@ class ServerConnection:
         closing = False  # we sent Close and wait for the client's (close_timeout applies)
         data: Optional[bytes] = self._pending
         del self._pending
+        size = _RECV_SMALL
         while True:
             if data is None:
                 try:
-                    data = recv(_RECV_SIZE)
+                    data = recv(size)
                 except _TIMEOUT_ERRORS:
                     if stream.state is ConnectionState.LOCAL_CLOSING or closing:
                         logger.info("connection %s: no Close answer in time, dropping", self.id)
@@ -469,6 +495,10 @@ class ServerConnection:
                     if self.close_code is None:
                         self.close_code, self.close_reason = 1006, str(exc)
                     return
+                if len(data) == size:
+                    size = min(size * 4, _RECV_LARGE)
+                elif size != _RECV_SMALL:
+                    size = _RECV_SMALL
                 if not data:
                     stream.receive(None)
                     if self.close_code is None:

@@ -250,6 +250,19 @@ Outcome = Union[str, bytes, PingReceived, PongReceived, CloseReceived, ProtocolF
 _FIN_TEXT = 0x81
 _FIN_BINARY = 0x82
 _from_bytes = int.from_bytes
+# Integer XOR grows faster than linearly with size; past this, translate tables win.
+_INT_UNMASK_LIMIT = 2048
+_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
+
+
+def _unmask_large(payload: Union[bytes, bytearray], mask: Union[bytes, bytearray]) -> bytes:
+    """Unmask a large payload: each of the four byte lanes through a 256-byte table."""
+    data = bytearray(payload)
+    for lane in range(4):
+        data[lane::4] = data[lane::4].translate(_XOR_TABLES[mask[lane]])
+    return bytes(data)
+
+
 # Without max_message_size, larger frames are streamed through wsproto, not held back.
 _UNLIMITED_HOLD = 1 << 20
 
@@ -409,14 +422,16 @@ class MessageStream:
                         return out
                 else:
                     payload = buf[pos + header:total + pos]
-                    if length:
-                        mask = buf[pos + header - 4:pos + header]
+                    mask = buf[pos + header - 4:pos + header]
+                    if length <= _INT_UNMASK_LIMIT:
+                        # RFC 6455 5.3: XOR with the key repeated; as one integer
+                        # operation, the cheapest form for a small payload.
                         key = (mask * ((length + 3) >> 2))[:length]
                         payload = (
                             _from_bytes(payload, "little") ^ _from_bytes(key, "little")
                         ).to_bytes(length, "little")
                     else:
-                        payload = b""
+                        payload = _unmask_large(payload, mask)
                     if b0 == _FIN_BINARY:
                         out.append(bytes(payload))
                         pos += total

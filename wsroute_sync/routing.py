@@ -19,6 +19,7 @@ __all__ = [
     "Handler",
     "EnvelopeError",
     "parse_envelope",
+    "parse_request",
     "error_envelope",
     "encode_result",
     "resolve_handler",
@@ -59,37 +60,120 @@ def _quote_route(route: str) -> str:
 
 def parse_envelope(message: Message) -> Tuple[str, Any]:
     """Decode a request into ``(route, params)``; raise :class:`EnvelopeError`."""
+    route, params, _ = parse_request(message)
+    return route, params
+
+
+def _parse_with_loads(message: Message) -> Tuple[str, Any, str]:
+    """The reference parse: ``json.loads`` judges, names every error, and decides."""
     try:
         request = _loads(message)
     except RecursionError:
         # The C decoder recurses per nesting level: {"a":[[[[...]]]]} 100,000 deep.
         raise EnvelopeError("invalid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError for binary frames
-        if isinstance(exc, json.JSONDecodeError):
-            raise EnvelopeError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    except json.JSONDecodeError as exc:
+        raise EnvelopeError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError:  # UnicodeDecodeError for binary frames
         raise EnvelopeError("invalid JSON: not valid UTF-8") from None
     if type(request) is not dict:
         raise EnvelopeError("invalid request: expected a JSON object")
-    if len(request) == 2 and "Route" in request and "Params" in request:
-        route = request["Route"]  # the canonical spelling: skip the key scan
-        params = request["Params"]
-    else:
-        # encoding/json matches field names case-insensitively; of several keys that
-        # fold to the same name the last one wins, as it does in Go.
-        route = params = None
-        has_route = False
-        for key, value in request.items():
-            folded = key.lower()
-            if folded == "route":
-                route = value
-                has_route = True
-            elif folded == "params":
-                params = value
-        if not has_route:
-            raise EnvelopeError('invalid request: missing "Route"')
+    route = params = None
+    has_route = has_params = False
+    for key, value in request.items():
+        folded = key.lower()
+        if folded == "route":
+            route, has_route = value, True
+        elif folded == "params":
+            params, has_params = value, True
+    if not has_route:
+        raise EnvelopeError('invalid request: missing "Route"')
     if type(route) is not str:
         raise EnvelopeError('invalid request: "Route" must be a string')
-    return route, params
+    return route, params, _dumps(params) if has_params else "null"
+
+
+_WHITESPACE = " \t\n\r"
+_scan_value = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def parse_request(message: Message) -> Tuple[str, Any, str]:
+    """Decode a request into ``(route, params, params_text)``.
+
+    ``params_text`` is the client's own JSON text of ``Params`` (``"null"`` when
+    absent), cut out of the message rather than encoded again: like Go's
+    ``json.RawMessage``, the handler receives exactly what was sent, and a large
+    ``Params`` costs one parse, not a parse and a re-encoding. The top-level object is
+    walked here, each value parsed by the json module's C scanner; anything unusual
+    is left to ``json.loads`` to judge and describe (:func:`_parse_with_loads`).
+    """
+    if isinstance(message, str):
+        text = message
+    else:
+        try:
+            text = message.decode(json.detect_encoding(message))
+        except (UnicodeDecodeError, LookupError):
+            raise EnvelopeError("invalid JSON: not valid UTF-8") from None
+    route: Any = None
+    params: Any = None
+    params_text = "null"
+    has_route = False
+    ws = _WHITESPACE
+    end = len(text)
+    i = 0
+    try:
+        while i < end and text[i] in ws:
+            i += 1
+        if i >= end or text[i] != "{":
+            raise ValueError
+        i += 1
+        first = True
+        while True:
+            while text[i] in ws:
+                i += 1
+            if first and text[i] == "}":
+                i += 1
+                break
+            first = False
+            if text[i] != '"':
+                raise ValueError
+            key, i = _scan_string(text, i + 1)
+            while text[i] in ws:
+                i += 1
+            if text[i] != ":":
+                raise ValueError
+            i += 1
+            while text[i] in ws:
+                i += 1
+            value, stop = _scan_value(text, i)
+            # encoding/json matches field names case-insensitively; of several keys
+            # that fold to the same name the last one wins, as it does in Go.
+            if key == "Route" or key.lower() == "route":
+                route, has_route = value, True
+            elif key == "Params" or key.lower() == "params":
+                params, params_text = value, text[i:stop]
+            i = stop
+            while text[i] in ws:
+                i += 1
+            if text[i] == ",":
+                i += 1
+                continue
+            if text[i] == "}":
+                i += 1
+                break
+            raise ValueError
+        while i < end and text[i] in ws:
+            i += 1
+        if i != end:
+            raise ValueError
+    except (ValueError, IndexError, StopIteration, RecursionError):
+        # Not the plain shape walked above: the reference parse decides and explains.
+        return _parse_with_loads(message)
+    if not has_route:
+        raise EnvelopeError('invalid request: missing "Route"')
+    if type(route) is not str:
+        raise EnvelopeError('invalid request: "Route" must be a string')
+    return route, params, params_text
 
 
 def encode_result(result: Any, text: bool) -> Optional[Message]:
@@ -169,7 +253,7 @@ class Dispatcher:
         """
         text = type(message) is str
         try:
-            route, params = parse_envelope(message)
+            route, params, params_text = parse_request(message)
         except EnvelopeError as exc:
             kind = "invalid_json" if exc.msg.startswith("invalid JSON") else "invalid_request"
             return self._error(connection, kind, exc.msg, text)
@@ -183,7 +267,7 @@ class Dispatcher:
         deadline = None if timeout is None else start + timeout
         ctx = self._make_context(route, params, connection, deadline)
         try:
-            result = handler(ctx, _dumps(params).encode("utf-8"))
+            result = handler(ctx, params_text.encode("utf-8"))
         except HandlerError as exc:
             connection.metrics.observe(route, time.monotonic() - start)
             return self._error(connection, "handler_error", exc.message, text)
