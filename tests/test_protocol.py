@@ -245,3 +245,40 @@ def test_end_of_stream_is_abnormal_closure() -> None:
     stream, _ = pair()
     (close,) = stream.receive(None)
     assert isinstance(close, CloseReceived) and close.code == 1006
+
+
+@pytest.mark.parametrize(
+    "offer, subprotocols, compression",
+    [
+        ([], None, None),
+        (["permessage-deflate; client_max_window_bits"], None, "deflate"),
+        (["permessage-deflate; server_no_context_takeover"], ["b", "a"], "deflate"),
+        (["x-unknown, permessage-deflate"], ["a"], None),
+    ],
+)
+def test_accept_matches_wsprotos_own_handshake(offer: List[str], subprotocols: Any,
+                                                compression: Optional[str]) -> None:
+    """accept_upgrade writes the response wsproto's H11Handshake would, header for header."""
+    from wsproto.extensions import PerMessageDeflate
+    from wsproto.handshake import H11Handshake
+    from wsproto.connection import ConnectionType as CT
+
+    extra = [("sec-websocket-extensions", o) for o in offer]
+    extra.append(("sec-websocket-protocol", "a, b"))
+    req = request(extra=extra)
+    ours, ws, chosen, deflate = accept_upgrade(req, subprotocols=subprotocols,
+                                               compression=compression)
+    reference = H11Handshake(CT.SERVER)
+    reference.initiate_upgrade_connection(req.headers.raw(), req.target)
+    list(reference.events())
+    exts = [PerMessageDeflate()] if compression else []
+    theirs = reference.send(AcceptConnection(subprotocol=chosen, extensions=exts))
+
+    def headers(raw: bytes) -> Any:
+        head = raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+        return head[0], sorted((k.lower(), v) for k, _, v in
+                               (line.partition(b": ") for line in head[1:]))
+
+    assert headers(ours) == headers(theirs)
+    assert deflate is (compression == "deflate" and any("permessage-deflate" in o for o in offer))
+    assert chosen == (subprotocols[0] if subprotocols else None)
