@@ -150,9 +150,12 @@ class ServerConnection:
 
         ``str`` goes as a text frame, bytes-like as a binary frame, anything else as
         JSON text. Raises :class:`~wsroute_sync.ConnectionClosed` once the connection is
-        closing or the write failed (the connection is then dropped).
+        closing or the write failed (the connection is then dropped), and
+        ``UnicodeEncodeError`` for text that has no UTF-8 form (lone surrogates).
         """
         if isinstance(message, str):
+            if not message.isascii():
+                message.encode("utf-8")  # lone surrogates: UnicodeEncodeError, here
             data: Union[str, bytes] = message
         elif isinstance(message, (bytes, bytearray, memoryview)):
             data = bytes(message)
@@ -468,6 +471,8 @@ class ServerConnection:
         del self._pending
         size = _RECV_SMALL
         while True:
+            if data is None and stream.deferred:
+                data = b""  # the rest of the last read, held back behind earlier replies
             if data is None:
                 try:
                     data = recv(size)

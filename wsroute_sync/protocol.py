@@ -264,6 +264,8 @@ Outcome = Union[str, bytes, PingReceived, PongReceived, CloseReceived, ProtocolF
 _FIN_TEXT = 0x81
 _FIN_BINARY = 0x82
 _from_bytes = int.from_bytes
+# Compressed bytes given to wsproto at a time (deflate expands at most ~1032x).
+_INFLATE_CHUNK = 1024
 # Integer XOR grows faster than linearly with size; past this, translate tables win.
 _INT_UNMASK_LIMIT = 2048
 _XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
@@ -311,7 +313,8 @@ class MessageStream:
     """
 
     __slots__ = (
-        "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_buf", "_need",
+        "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_framed", "_chunk", "_buf",
+        "_need", "deferred",
         "_slow_left", "_fragmented",
     )
 
@@ -330,6 +333,15 @@ class MessageStream:
         # The fast path needs wsproto's view of the stream to be "between frames, no
         # extension": compression (RSV1, inflating) is wsproto's job alone.
         self._fast = not extensions and not _pure_wsproto_requested()
+        # Frames are always delimited here (only tests switch it off, to compare with
+        # wsproto fed whole reads): that is what lets a Close wait for earlier replies.
+        self._framed = True
+        # wsproto inflates whatever compressed bytes it is given at once: fed in small
+        # pieces, a deflate bomb is stopped after ~1 MiB of output, not 1000x its size.
+        self._chunk = _INFLATE_CHUNK if extensions else 0
+        #: True when receive() stopped before a Close so that the messages before it can
+        #: be answered first; call ``receive(b"")`` to go on.
+        self.deferred = False
         self._buf = bytearray()  # bytes of an incomplete frame held back for the fast path
         self._need = 0  # bytes _buf must hold before it is worth parsing again
         self._slow_left = 0  # bytes of the current frame still owed to wsproto
@@ -351,10 +363,11 @@ class MessageStream:
 
     def receive(self, data: Optional[bytes]) -> List[Outcome]:
         """Feed bytes read from the socket (``None`` for end of stream)."""
-        if not self._fast or data is None:
+        if not self._framed or data is None:
             out: List[Outcome] = []
             self._wsproto_receive(data, out)
             return out
+        self.deferred = False
         if self._buf:
             self._buf += data
             if len(self._buf) < self._need:
@@ -377,7 +390,7 @@ class MessageStream:
                 # The middle of a frame wsproto has started: it gets the rest of it.
                 take = min(self._slow_left, end - pos)
                 self._slow_left -= take
-                if self._wsproto_receive(bytes(buf[pos:pos + take]), out):
+                if self._feed(buf, pos, take, out):
                     return out
                 pos += take
                 continue
@@ -423,7 +436,8 @@ class MessageStream:
                 header += 4
             total = header + length
             if (
-                (b0 == _FIN_TEXT or b0 == _FIN_BINARY)
+                self._fast
+                and (b0 == _FIN_TEXT or b0 == _FIN_BINARY)
                 and b1 & 0x80
                 and minimal
                 and not self._fragmented
@@ -457,6 +471,14 @@ class MessageStream:
                     except UnicodeDecodeError:
                         pass  # wsproto reports it (1007), from the same bytes
             # Everything else is wsproto's: from this frame boundary, the whole frame.
+            if opcode == 8 and out:
+                # A Close after messages or pings in the same read: stop here, so that
+                # their replies go out before wsproto sees the Close (RFC 6455 5.5.1
+                # lets them; wsproto refuses to send data once the peer has closed).
+                self._buf = bytearray(buf[pos:])
+                self._need = 0
+                self.deferred = True
+                return out
             if opcode < 3:
                 if opcode != 0:
                     self._fragmented = not (b0 & 0x80)
@@ -464,10 +486,19 @@ class MessageStream:
                     self._fragmented = False
             take = min(total, end - pos)
             self._slow_left = total - take
-            if self._wsproto_receive(bytes(buf[pos:pos + take]), out):
+            if self._feed(buf, pos, take, out):
                 return out
             pos += take
         return out
+
+    def _feed(self, buf: Union[bytes, bytearray], pos: int, take: int, out: List[Outcome]
+              ) -> bool:
+        """Give ``take`` bytes at ``pos`` to wsproto; ``True`` once the stream has ended."""
+        step = self._chunk or take
+        for start in range(pos, pos + take, step):
+            if self._wsproto_receive(bytes(buf[start:min(start + step, pos + take)]), out):
+                return True
+        return False
 
     def _hold(self, buf: Union[bytes, bytearray], pos: int, need: int) -> None:
         self._buf = bytearray(buf[pos:])

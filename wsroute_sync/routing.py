@@ -35,7 +35,16 @@ INTERNAL_ERROR_MESSAGE = "internal error"
 #: A route name quoted back in an error is cut here, so a 1 MB route is not echoed.
 _MAX_QUOTED_ROUTE = 100
 
-_loads = json.loads
+class _NotJSON(ValueError):
+    """Python's json reads NaN and Infinity; JSON (RFC 8259 6) and Go do not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+_loads = _decoder.decode
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -64,17 +73,20 @@ def parse_envelope(message: Message) -> Tuple[str, Any]:
     return route, params
 
 
-def _parse_with_loads(message: Message) -> Tuple[str, Any, str]:
-    """The reference parse: ``json.loads`` judges, names every error, and decides."""
+def _parse_with_loads(text: str) -> Tuple[str, Any, str]:
+    """The reference parse: the json module judges, names every error, and decides."""
     try:
-        request = _loads(message)
+        request = _loads(text)
     except RecursionError:
         # The C decoder recurses per nesting level: {"a":[[[[...]]]]} 100,000 deep.
         raise EnvelopeError("invalid JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise EnvelopeError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
-    except ValueError:  # UnicodeDecodeError for binary frames
-        raise EnvelopeError("invalid JSON: not valid UTF-8") from None
+    except _NotJSON as exc:
+        raise EnvelopeError(f"invalid JSON: {exc}") from None
+    except ValueError:
+        # Python's limit on digits in an int (sys.set_int_max_str_digits).
+        raise EnvelopeError("invalid JSON: number too long") from None
     if type(request) is not dict:
         raise EnvelopeError("invalid request: expected a JSON object")
     route = params = None
@@ -93,7 +105,7 @@ def _parse_with_loads(message: Message) -> Tuple[str, Any, str]:
 
 
 _WHITESPACE = " \t\n\r"
-_scan_value = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_value = _decoder.scan_once  # type: ignore[attr-defined]
 _scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -110,9 +122,11 @@ def parse_request(message: Message) -> Tuple[str, Any, str]:
     if isinstance(message, str):
         text = message
     else:
+        # The envelope is UTF-8 in binary frames too (RFC 8259 8.1); json.loads would
+        # also guess UTF-16 and UTF-32, which Go's encoding/json does not.
         try:
-            text = message.decode(json.detect_encoding(message))
-        except (UnicodeDecodeError, LookupError):
+            text = message.decode("utf-8")
+        except UnicodeDecodeError:
             raise EnvelopeError("invalid JSON: not valid UTF-8") from None
     route: Any = None
     params: Any = None
@@ -168,7 +182,7 @@ def parse_request(message: Message) -> Tuple[str, Any, str]:
             raise ValueError
     except (ValueError, IndexError, StopIteration, RecursionError):
         # Not the plain shape walked above: the reference parse decides and explains.
-        return _parse_with_loads(message)
+        return _parse_with_loads(text)
     if not has_route:
         raise EnvelopeError('invalid request: missing "Route"')
     if type(route) is not str:
@@ -283,7 +297,17 @@ class Dispatcher:
                 _quote_route(route), timeout, finished - deadline,
             )
         try:
-            return encode_result(result, text)
+            reply = encode_result(result, text)
+            if text and reply is not None and not reply.isascii():
+                # A str can hold lone surrogates, which have no UTF-8 form: find out
+                # here, not in the middle of writing the frame.
+                reply.encode("utf-8")  # type: ignore[union-attr]
+            return reply
+        except UnicodeEncodeError:
+            logger.error(
+                "handler for route %r returned text that cannot be encoded as UTF-8",
+                _quote_route(route),
+            )
         except UnicodeDecodeError:
             logger.error(
                 "handler for route %r returned bytes that are not UTF-8 for a text frame",

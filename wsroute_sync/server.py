@@ -50,6 +50,8 @@ _LISTEN_BACKLOG = 1024
 def _as_message(message: Any) -> Message:
     """``str`` and bytes-like as they are; anything else as JSON text."""
     if isinstance(message, str):
+        if not message.isascii():
+            message.encode("utf-8")  # lone surrogates: UnicodeEncodeError before any write
         return message
     if isinstance(message, (bytes, bytearray, memoryview)):
         return bytes(message)
