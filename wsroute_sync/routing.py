@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .errors import HandlerError
 
@@ -75,8 +75,17 @@ def parse_envelope(message: Message) -> Tuple[str, Any]:
 
 def _parse_with_loads(text: str) -> Tuple[str, Any, str]:
     """The reference parse: the json module judges, names every error, and decides."""
+    # The top-level members in the order they were written: a dict would fold a
+    # repeated key into its first position, and Go lets the last spelling win.
+    members: List[Tuple[str, Any]] = []
+
+    def remember(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        members[:] = pairs  # nested objects come first; the top level is the last call
+        return dict(pairs)
+
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=remember)
     try:
-        request = _loads(text)
+        request = decoder.decode(text)
     except RecursionError:
         # The C decoder recurses per nesting level: {"a":[[[[...]]]]} 100,000 deep.
         raise EnvelopeError("invalid JSON: nested too deeply") from None
@@ -91,7 +100,7 @@ def _parse_with_loads(text: str) -> Tuple[str, Any, str]:
         raise EnvelopeError("invalid request: expected a JSON object")
     route = params = None
     has_route = has_params = False
-    for key, value in request.items():
+    for key, value in members:
         folded = key.lower()
         if folded == "route":
             route, has_route = value, True
