@@ -26,9 +26,11 @@ Every patched case is then checked on the wire: the runner re-parses and
 unmasks the octets kosoku logged as written, and the case fails unless the
 text message sent is exactly the intended bytes.
 
-kosoku has no closing-handshake timeout, so cases run in chunks, each in a
-subprocess under a timeout, against a fresh server per chunk; two chunks run
-at a time.
+kosoku has no timeout of its own (a server that stops reading or ignores a
+Close blocks it forever), so cases run in chunks, each in a subprocess under a
+timeout plus a per-case stall timeout, against a fresh server per chunk; two
+chunks run at a time. The summary (passed/total per group) is printed in
+pytest's terminal summary; any failing case fails the test with its reason.
 """
 
 from __future__ import annotations
@@ -38,17 +40,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
-
-if __package__:  # tests/ is a package: we are tests.test_conformance
-    from .conformance import harness
-    from .conformance.cases import CHUNKS, EXPECTED_CASES_PER_GROUP, Chunk
-    from .conformance.utf8_vectors import VALID_VECTORS, VectorMismatch, repaired_payload
-    from .conformance.wirelog import Frame, first_text_message, sent_frames
-else:  # rootdir-relative import: tests/ itself is on sys.path
-    from conformance import harness
-    from conformance.cases import CHUNKS, EXPECTED_CASES_PER_GROUP, Chunk
-    from conformance.utf8_vectors import VALID_VECTORS, VectorMismatch, repaired_payload
-    from conformance.wirelog import Frame, first_text_message, sent_frames
+from conformance import harness
+from conformance.cases import CHUNKS, EXPECTED_CASES_PER_GROUP, Chunk
+from conformance.utf8_vectors import VALID_VECTORS, VectorMismatch, repaired_payload
+from conformance.wirelog import Frame, first_text_message, sent_frames
 
 pytestmark = pytest.mark.conformance
 

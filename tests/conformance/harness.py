@@ -1,15 +1,18 @@
 """Run the Autobahn suite against the server under test, chunk by chunk.
 
 For every chunk of ``cases.CHUNKS``: start a fresh server subprocess, run the
-kosoku ``runner`` subprocess against it under a timeout, stop the server with
-SIGTERM, and turn the runner's JSON lines into one verdict per case. Chunks
-run on a small thread pool (two at a time by default), longest first.
+kosoku ``runner`` subprocess against it under two timeouts, stop the server
+with SIGTERM, and turn the runner's JSON lines into one verdict per case.
+Chunks run on a small thread pool (two at a time by default), longest first.
 
 Why each piece exists:
 
-* kosoku has no closing-handshake timeout: a server that ignores a Close
-  blocks the runner forever. ``subprocess.run(timeout=...)`` kills it; the
-  runner's per-case ``start`` lines tell us which case hung.
+* kosoku has no timeout of its own on writes or on the closing handshake: a
+  server that stops reading or ignores a Close blocks the runner forever. The
+  runner reports ``start``/``result`` per case through a pipe; a case that
+  makes no progress for ``_CASE_TIMEOUT`` gets the runner killed and is named
+  as hung, and ``chunk_timeout()`` caps the chunk as a whole (a server that
+  is merely very slow). Either way the chunk fails and CI does not hang.
 * A fresh server per chunk: a crash or wedged thread in one chunk cannot turn
   the rest of the suite red, and the compression option differs per chunk.
 
@@ -24,8 +27,9 @@ Configuration (environment variables):
 ``WSROUTE_CONFORMANCE_REPORTS``
     Directory for kosoku's Autobahn-format HTML/JSON reports, one
     sub-directory per chunk (default: a pytest temporary directory).
-``WSROUTE_SYNC_TIMEOUT_SCALE``
-    Multiplies every timeout, for slow machines (default 1).
+``WSROUTE_TEST_TIMEOUT_SCALE``
+    Multiplies every timeout, for slow machines (default 1), as in the rest
+    of the test suite.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import contextlib
 import json
 import os
 import re
+import selectors
 import shlex
 import signal
 import subprocess
@@ -60,12 +65,13 @@ from .cases import (
 )
 
 __all__ = [
+    "TIMEOUT_SCALE",
     "CaseOutcome",
     "ChunkOutcome",
     "HarnessError",
+    "RunningServer",
     "SuiteConfig",
     "SuiteReport",
-    "TIMEOUT_SCALE",
     "assign_chunks",
     "chunk_timeout",
     "list_case_ids",
@@ -76,16 +82,21 @@ __all__ = [
     "worst_case_seconds",
 ]
 
-# One time unit for slow machines, as everywhere in the test suite.
-TIMEOUT_SCALE = float(os.environ.get("WSROUTE_SYNC_TIMEOUT_SCALE", "1"))
+# The test suite's one time scale for slow machines (see tests/conftest.py).
+TIMEOUT_SCALE = float(os.environ.get("WSROUTE_TEST_TIMEOUT_SCALE", "1"))
 
 _SERVER_START_TIMEOUT = 15.0
 _SERVER_STOP_TIMEOUT = 15.0
 _LIST_TIMEOUT = 60.0
-# A chunk may take this many times its reference duration, but never less
-# than the floor: two chunks share two cores with whatever else is running.
-_CHUNK_TIMEOUT_FACTOR = 4.0
-_CHUNK_TIMEOUT_FLOOR = 60.0
+_RUNNER_EXIT_TIMEOUT = 60.0
+# The longest single case (12.2.15, 1000 x 128 KiB compressed round trips)
+# takes about 15 s against plain wsproto and 4x that on a busy machine; a case
+# that reports nothing for this long is taken to be hung.
+_CASE_TIMEOUT = 180.0
+# A chunk's budget is a backstop against a server that is merely very slow:
+# the case timeout (so a hang is reported as a hang, not as a slow chunk)
+# plus this many times the chunk's estimate, itself the slowest run seen.
+_CHUNK_TIMEOUT_FACTOR = 2.0
 
 _LISTENING = re.compile(r"listening on ws://(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+)/")
 
@@ -117,7 +128,7 @@ class SuiteConfig:
                 if command
                 else (sys.executable, "-m", "wsroute_sync", "echo")
             ),
-            jobs=int(os.environ.get("WSROUTE_CONFORMANCE_JOBS", "2")),
+            jobs=max(1, int(os.environ.get("WSROUTE_CONFORMANCE_JOBS", "2"))),
             report_dir=Path(reports) if reports else default_report_dir,
         )
 
@@ -185,13 +196,16 @@ def running_server(command: Sequence[str], *, compression: bool,
     if compression:
         argv += ["--compression", "deflate"]
     with tempfile.TemporaryFile() as stderr_file:
-        process = subprocess.Popen(
-            argv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=stderr_file, text=True, encoding="utf-8", errors="replace",
-        )
+        try:
+            process = subprocess.Popen(
+                argv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=stderr_file, text=True, encoding="utf-8", errors="replace",
+            )
+        except OSError as exc:
+            raise HarnessError(f"cannot start server {shlex.join(argv)}: {exc}") from exc
         assert process.stdout is not None
         tail: collections.deque[str] = collections.deque(maxlen=50)
-        ready, found = threading.Event(), []
+        ready, found = threading.Event(), list[str]()
         drainer = threading.Thread(target=_drain, args=(process.stdout, tail, ready, found),
                                    name="conformance-server-stdout")
         drainer.start()
@@ -200,10 +214,18 @@ def running_server(command: Sequence[str], *, compression: bool,
             server = RunningServer(f"ws://127.0.0.1:{found[0]}/" if found else "",
                                    process, tail, stderr_file)
             if not found:
+                # Stdout at EOF means the server is exiting: wait for its code.
+                drainer.join(1.0 * TIMEOUT_SCALE)
+                try:
+                    code = None if drainer.is_alive() else process.wait(5.0 * TIMEOUT_SCALE)
+                except subprocess.TimeoutExpired:
+                    code = None
+                when = (f"exited with code {code}" if code is not None else
+                        f"is stdout flushed? nothing after "
+                        f"{_SERVER_START_TIMEOUT * TIMEOUT_SCALE:.0f}s")
                 raise HarnessError(
                     f"server {shlex.join(argv)} did not print 'listening on ws://HOST:PORT/' "
-                    f"within {_SERVER_START_TIMEOUT * TIMEOUT_SCALE:.0f}s (exit code "
-                    f"{process.poll()}; is stdout flushed?)\nstdout:\n" + "\n".join(tail)
+                    f"({when})\nstdout:\n" + "\n".join(tail)
                     + "\nstderr:\n" + server.stderr_tail()
                 )
             yield server
@@ -212,6 +234,7 @@ def running_server(command: Sequence[str], *, compression: bool,
             # EOF follows the exit; the bound only matters if the server left
             # a child process holding its stdout open.
             drainer.join(_SERVER_STOP_TIMEOUT * TIMEOUT_SCALE)
+            process.stdout.close()
 
 
 def _stop(process: subprocess.Popen[str], argv: Sequence[str], errors: list[str],
@@ -251,7 +274,7 @@ def run_runner(args: Sequence[str], timeout: float) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", f"{_PACKAGE}.runner", *args],
         env=_runner_env(), cwd=_REPO_ROOT, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -265,26 +288,41 @@ def list_case_ids() -> list[str]:
 
 
 def chunk_timeout(chunk: Chunk) -> float:
-    return max(_CHUNK_TIMEOUT_FLOOR, _CHUNK_TIMEOUT_FACTOR * chunk.estimate) * TIMEOUT_SCALE
+    """Backstop for a whole chunk; hangs are caught sooner by `_CASE_TIMEOUT`."""
+    return (_CASE_TIMEOUT + _CHUNK_TIMEOUT_FACTOR * chunk.estimate) * TIMEOUT_SCALE
 
 
 def worst_case_seconds(jobs: int) -> float:
     """Upper bound on `run_suite`, for pytest-timeout: every chunk times out."""
-    per_chunk = [chunk_timeout(c) + (_SERVER_START_TIMEOUT + _SERVER_STOP_TIMEOUT) * TIMEOUT_SCALE
-                 for c in CHUNKS]
+    overhead = (_SERVER_START_TIMEOUT + _SERVER_STOP_TIMEOUT + _RUNNER_EXIT_TIMEOUT) * TIMEOUT_SCALE
+    per_chunk = [chunk_timeout(c) + overhead for c in CHUNKS]
     return sum(per_chunk) / max(1, jobs) + max(per_chunk) + _LIST_TIMEOUT * TIMEOUT_SCALE
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the last line may be cut short if we killed the runner mid-write
-    return records
+def _follow(fd: int, case_timeout: float, chunk_deadline: float
+            ) -> tuple[list[dict[str, Any]], str | None]:
+    """Collect the runner's JSON lines from *fd* until EOF or a missed deadline.
+
+    Returns the records and ``None`` on EOF, ``"case"`` if no line arrived
+    within *case_timeout*, or ``"chunk"`` if *chunk_deadline* passed.
+    """
+    records: list[dict[str, Any]] = []
+    pending = b""
+    case_deadline = time.monotonic() + case_timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            deadline = min(case_deadline, chunk_deadline)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                return records, "case" if case_deadline <= chunk_deadline else "chunk"
+            data = os.read(fd, 65536)
+            if not data:
+                return records, None
+            *lines, pending = (pending + data).split(b"\n")
+            records.extend(json.loads(line) for line in lines if line)
+            if lines:
+                case_deadline = time.monotonic() + case_timeout
 
 
 def _judge(record: dict[str, Any]) -> CaseOutcome:
@@ -302,58 +340,97 @@ def _judge(record: dict[str, Any]) -> CaseOutcome:
                        None if wire is None else wire.get("sent"))
 
 
+def _drive(url: str, chunk: Chunk, report_dir: Path | None, errors: list[str]
+           ) -> tuple[list[dict[str, Any]], str | None]:
+    """Run the runner for *chunk*; return its records and why it was killed, if it was."""
+    args = ["run", "--url", url]
+    if report_dir is not None:
+        slug = re.sub(r"[^a-z0-9.]+", "-", chunk.name.lower()).strip("-")
+        args += ["--report-dir", str(report_dir / slug)]
+    # Results come through a pipe of their own: kosoku may write to stdout,
+    # and reading the pipe lets us notice a stalled case as soon as it stalls.
+    read_fd, write_fd = os.pipe()
+    try:
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"{_PACKAGE}.runner", *args,
+                 "--results-fd", str(write_fd), *chunk.patterns],
+                env=_runner_env(), cwd=_REPO_ROOT, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            )
+            os.close(write_fd)
+            write_fd = -1
+            try:
+                records, killed = _follow(read_fd, _CASE_TIMEOUT * TIMEOUT_SCALE,
+                                          time.monotonic() + chunk_timeout(chunk))
+                if killed is None:
+                    # EOF: the runner is writing its HTML report and exiting.
+                    process.wait(_RUNNER_EXIT_TIMEOUT * TIMEOUT_SCALE)
+            except subprocess.TimeoutExpired:
+                killed = "exit"
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+            output.seek(0)
+            tail = output.read()[-3000:].decode("utf-8", "replace")
+        if killed == "exit":
+            errors.append(f"kosoku runner did not exit after its last case{_tail(tail)}")
+        elif killed is None and process.returncode != 0:
+            errors.append(f"kosoku runner exited with {process.returncode}{_tail(tail)}")
+        return records, killed
+    finally:
+        os.close(read_fd)
+        if write_fd != -1:
+            os.close(write_fd)
+
+
 def run_chunk(chunk: Chunk, ids: Sequence[str], config: SuiteConfig) -> ChunkOutcome:
     """Run *ids* (the chunk's cases) against a fresh server."""
     outcome = ChunkOutcome(chunk)
     started = time.monotonic()
-    timeout = chunk_timeout(chunk)
     records: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-        results = Path(tmp) / "results.jsonl"
-        try:
-            with running_server(config.server_command, compression=chunk.compression,
-                                errors=outcome.errors) as server:
-                args = ["run", "--url", server.url, "--results", str(results)]
-                if config.report_dir is not None:
-                    slug = re.sub(r"[^a-z0-9.]+", "-", chunk.name.lower()).strip("-")
-                    args += ["--report-dir", str(config.report_dir / slug)]
-                try:
-                    done = run_runner([*args, *chunk.patterns], timeout)
-                    if done.returncode != 0:
-                        outcome.errors.append(
-                            f"kosoku runner exited with {done.returncode}; output tail:\n"
-                            + (done.stdout + done.stderr)[-3000:])
-                except subprocess.TimeoutExpired as exc:
-                    outcome.errors.append(
-                        f"chunk timed out after {timeout:.0f}s; runner killed; output tail:\n"
-                        + (_text(exc.stdout) + _text(exc.stderr))[-3000:])
-        except HarnessError as exc:
-            outcome.errors.append(str(exc))
-        records = _read_records(results)
+    killed: str | None = None
+    try:
+        with running_server(config.server_command, compression=chunk.compression,
+                            errors=outcome.errors) as server:
+            records, killed = _drive(server.url, chunk, config.report_dir, outcome.errors)
+    except HarnessError as exc:
+        outcome.errors.append(str(exc))
 
     judged = {r["id"]: _judge(r) for r in records if r.get("event") == "result"}
     started_ids = [r["id"] for r in records if r.get("event") == "start"]
-    hung = started_ids[-1] if started_ids and started_ids[-1] not in judged else None
+    stuck = started_ids[-1] if started_ids and started_ids[-1] not in judged else None
+    if killed == "case":
+        why = (f"no progress for {_CASE_TIMEOUT * TIMEOUT_SCALE:.0f}s: the case hung (kosoku has "
+               "no timeout of its own on writes or the closing handshake, so a server that "
+               "stops reading or never completes the close blocks it forever) or is far "
+               "slower than expected")
+        stop = f"case {stuck or '(before the first case)'} stalled; runner killed"
+    elif killed == "chunk":
+        why = (f"still running when the chunk hit its {chunk_timeout(chunk):.0f}s budget "
+               "(slow machine? raise WSROUTE_TEST_TIMEOUT_SCALE)")
+        stop = f"chunk budget of {chunk_timeout(chunk):.0f}s exceeded; runner killed"
+    else:
+        why = "no result reported"
+        stop = outcome.errors[0].splitlines()[0] if outcome.errors else why
+    if killed in ("case", "chunk"):
+        # First, so it heads the list: later errors (e.g. a server that then
+        # ignores SIGTERM) are consequences.
+        outcome.errors.insert(0, stop)
     for cid in ids:
         if cid in judged:
             outcome.cases.append(judged[cid])
-        elif cid == hung:
-            outcome.cases.append(CaseOutcome(
-                cid, False, "NO RESULT", "NO RESULT",
-                f"hung: no verdict before the chunk's {timeout:.0f}s timeout (kosoku has no "
-                "close-handshake timeout; the server probably never completed the close)"))
+        elif cid == stuck:
+            outcome.cases.append(CaseOutcome(cid, False, "NO RESULT", "NO RESULT", why))
         else:
-            why = outcome.errors[0].splitlines()[0] if outcome.errors else "no result reported"
-            outcome.cases.append(CaseOutcome(cid, False, "NO RESULT", "NO RESULT",
-                                             f"not run: {why}"))
+            outcome.cases.append(CaseOutcome(cid, False, "NOT RUN", "NOT RUN", f"not run: {stop}"))
     outcome.elapsed = time.monotonic() - started
     return outcome
 
 
-def _text(data: str | bytes | None) -> str:
-    if data is None:
-        return ""
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+def _tail(output: str) -> str:
+    return f"; output tail:\n{output[-3000:]}" if output.strip() else ""
 
 
 # --------------------------------------------------------------------------
@@ -394,18 +471,25 @@ class SuiteReport:
             + ("" if all(c.passed for c in by_group[g]) else " FAIL")
             for g in sorted(by_group, key=int)
         )
-        lines = [
+        headline = (
             f"Autobahn conformance: {len(cases) - len(self.failures)}/{len(cases)} cases passed "
             f"in {self.elapsed:.0f}s ({self.config.jobs} jobs) against "
-            f"{shlex.join(self.config.server_command)}",
+            f"{shlex.join(self.config.server_command)}"
+        )
+        lines = [
+            headline,
             f"  passed/total by group: {groups}",
             "  verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())),
         ]
         if self.failures:
             shown = self.failures[:20]
+            more = len(self.failures) - len(shown)
             lines.append("  failed: " + ", ".join(
                 f"{c.case_id} ({c.behavior}/{c.behavior_close})" for c in shown)
-                + (f", ... {len(self.failures) - len(shown)} more" if len(self.failures) > 20 else ""))
+                + (f", ... {more} more" if more else ""))
+        slowest = sorted(self.chunks, key=lambda ch: ch.elapsed, reverse=True)[:4]
+        lines.append("  slowest chunks: " + ", ".join(
+            f"{ch.chunk.name} {ch.elapsed:.0f}s" for ch in slowest))
         if self.errors:
             lines.append(f"  harness errors: {len(self.errors)} (see the test failure)")
         if self.config.report_dir is not None:

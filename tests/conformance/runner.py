@@ -15,11 +15,11 @@ Commands:
 ``vectors``
     Print, as JSON, the bytes kosoku would put on the wire for each case of
     6.2.4 and 6.5-6.23, before and after the UTF-8 workaround.
-``run --url URL --results FILE [--report-dir DIR] PATTERN...``
-    Run the matching cases one at a time, appending one JSON object per line
-    to FILE as each event happens (``start``, then ``result``, per case), so
-    that if the harness has to kill us it still knows which case hung and
-    what the others did.
+``run --url URL --results-fd FD [--report-dir DIR] PATTERN...``
+    Run the matching cases one at a time, writing one JSON object per line to
+    file descriptor FD as each event happens (``start``, then ``result``, per
+    case), so the harness sees a stalled case at once and, if it has to kill
+    us, still knows which case hung and what the others did.
 
 kosoku's Python API (``kosoku.run_fuzzingclient(url, cases, exclude_cases,
 concurrency)``) returns a ``CaseResult`` per case, or raises
@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import importlib
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -197,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("vectors")
     run = commands.add_parser("run")
     run.add_argument("--url", required=True)
-    run.add_argument("--results", required=True, type=Path)
+    run.add_argument("--results-fd", required=True, type=int)
     run.add_argument("--report-dir")
     run.add_argument("patterns", nargs="+")
     args = parser.parse_args(argv)
@@ -210,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         classes = case_classes()
         intended = apply_utf8_workaround(classes)
         ids = select(classes, args.patterns)
-        with args.results.open("a", encoding="utf-8") as stream:
+        with open(args.results_fd, "w", encoding="utf-8") as stream:
             asyncio.run(_run(args.url, ids, intended, _Sink(stream), args.report_dir))
 
 
