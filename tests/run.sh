@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 # Debian packages some suites drive for real (a browser, Redis, nginx), installed only
 # when missing. Root installs directly; otherwise sudo is tried.
 apt_packages=()
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || apt_packages+=(chromium-driver)
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_packages+=(nginx)
 if [ "${#apt_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo -n"

@@ -1,22 +1,27 @@
-"""The command line: demo, echo and serve, run as real processes."""
+"""The command line: demo, echo and serve as real processes; call in and out of process."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import pytest
 from websockets.exceptions import ConnectionClosed as WSClosed
 from websockets.sync.client import connect
 
-from conftest import TIMEOUT
+from conftest import TIMEOUT, make_server, running
+from wsroute_sync import HandlerError, Server
 from wsroute_sync.cli import build_parser
+from wsroute_sync.cli import main as cli_main
 
 
 class Running:
@@ -137,3 +142,115 @@ def test_bad_options_exit_with_usage_error() -> None:
                             timeout=TIMEOUT * 2, env={**os.environ})
     assert result.returncode == 2
     assert "max_connections" in result.stderr
+
+
+# The call command.
+
+
+def _call_server() -> Server:
+    server = make_server(path="/ws")
+
+    @server.route("fail")
+    def fail(ctx: Any, message: bytes) -> None:
+        raise HandlerError("it went wrong")
+
+    @server.route("whoami")
+    def whoami(ctx: Any, message: bytes) -> Any:
+        return {"auth": ctx.headers.get("authorization")}
+
+    return server
+
+
+def test_call_command_prints_the_reply() -> None:
+    with running(_call_server()) as server:
+        result = subprocess.run(
+            [sys.executable, "-m", "wsroute_sync", "call", server.url + "ws", "echo", '{"k":1}'],
+            capture_output=True, timeout=TIMEOUT * 2,
+        )
+    assert (result.returncode, result.stdout, result.stderr) == (0, b'{"k":1}\n', b"")
+
+
+def test_call_command_options(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    with running(_call_server()) as server:
+        url = server.url + "ws"
+        assert cli_main(["call", url, "echo"]) == 0
+        assert capsysbinary.readouterr().out == b"null\n"
+        assert cli_main(["call", url, "echo", '"\u00e9"', "--binary"]) == 0
+        assert capsysbinary.readouterr().out == '"\u00e9"\n'.encode("utf-8")
+        assert cli_main(["call", "--timeout", "3", "-H", "Authorization: Bearer t", url,
+                         "whoami"]) == 0
+        assert capsysbinary.readouterr().out == b'{"auth":"Bearer t"}\n'
+
+
+def test_call_command_error_envelope_exits_1(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    with running(_call_server()) as server:
+        assert cli_main(["call", server.url + "ws", "nope"]) == 1
+        out, err = capsysbinary.readouterr()
+        assert out == b"" and err == b"wsroute-sync: server error 1: unknown route: nope\n"
+        assert cli_main(["call", server.url + "ws", "fail", "{}"]) == 1
+        assert capsysbinary.readouterr().err == b"wsroute-sync: server error 1: it went wrong\n"
+
+
+def test_call_command_connection_failures_exit_2(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/"
+    assert cli_main(["call", url, "echo"]) == 2
+    out, err = capsysbinary.readouterr()
+    assert out == b""
+    assert err.startswith(f"wsroute-sync: cannot connect to {url}: ".encode())
+    assert b"refused" in err
+    with running(_call_server()) as server:
+        assert cli_main(["call", server.url + "elsewhere", "echo"]) == 2
+        assert capsysbinary.readouterr().err == (
+            f"wsroute-sync: {server.url}elsewhere refused the connection: HTTP 404 "
+            "no WebSocket endpoint at /elsewhere\n".encode()
+        )
+
+
+def test_call_command_timeout_exits_2(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    server = _call_server()
+    release = threading.Event()
+    server.register("wait", lambda ctx, message: release.wait(TIMEOUT) and None)
+    with running(server):
+        try:
+            started = time.monotonic()
+            assert cli_main(["call", "--timeout", "0.2", server.url + "ws", "wait"]) == 2
+            assert time.monotonic() - started < TIMEOUT / 2
+        finally:
+            release.set()
+        assert capsysbinary.readouterr().err == (
+            f"wsroute-sync: no reply from {server.url}ws within 0.2s\n".encode()
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ws://127.0.0.1:1/", "echo", "{bad"], b"PARAMS is not valid JSON"),
+        (["ws://127.0.0.1:1/", "echo", "-H", "no colon"], b"--header expects"),
+        (["ws://127.0.0.1:1/", "echo", "--timeout", "0"], b"--timeout must be > 0"),
+        (["http://127.0.0.1:1/", "echo"], b"expected a ws://"),
+    ],
+)
+def test_call_command_usage_errors_exit_2(
+    args: List[str], message: bytes, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    assert cli_main(["call", *args]) == 2
+    err = capsysbinary.readouterr().err
+    assert err.startswith(b"wsroute-sync call: error: ") and message in err
+
+
+def test_call_command_help() -> None:
+    assert "call" in build_parser().format_help()
+    result = subprocess.run([sys.executable, "-m", "wsroute_sync", "call", "--help"],
+                            capture_output=True, text=True, timeout=TIMEOUT * 2)
+    assert result.returncode == 0
+    for word in ("URL", "ROUTE", "PARAMS", "--timeout", "--binary", "--header",
+                 "Exit status"):
+        assert word in result.stdout

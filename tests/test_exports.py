@@ -10,8 +10,8 @@ import wsroute_sync
 PUBLIC = {
     "__version__", "Server", "ServerConnection", "ServerOptions", "Context", "Headers",
     "HTTPRequest", "new_server", "with_max_connections", "with_logger", "with_option",
-    "error_envelope", "WSRouteError", "HandlerError", "HandshakeRejected", "ConnectionClosed",
-    "RouteError", "ClientTimeout",
+    "error_envelope", "basic_auth", "WSRouteError", "HandlerError", "HandshakeRejected", "ConnectionClosed",
+    "RouteError", "ClientTimeout", "Client", "Backplane", "BackplaneMessage", "RedisBackplane",
 }
 
 

@@ -12,6 +12,8 @@
 """
 
 from .auth import basic_auth
+from .backplane import Backplane, BackplaneMessage, RedisBackplane
+from .client import Client
 from .connection import ServerConnection
 from .context import Context
 from .errors import (
@@ -49,4 +51,8 @@ __all__ = [
     "ConnectionClosed",
     "RouteError",
     "ClientTimeout",
+    "Client",
+    "Backplane",
+    "BackplaneMessage",
+    "RedisBackplane",
 ]

@@ -3,21 +3,27 @@
     python -m wsroute_sync                  the demo (routes echo, time, add, upper)
     python -m wsroute_sync echo --port 9001 a raw echo server (for Autobahn|Testsuite)
     wsroute-sync serve app_module:server    run a Server object from your module
+    wsroute-sync call ws://h:p/ echo '{}'   call a route and print the reply
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import html
 import importlib
 import json
 import logging
 import signal
 import sys
 import threading
-from typing import Any, Dict, Optional, Sequence
+from importlib import resources
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .errors import HandlerError
+from .client import Client
+from .errors import ClientTimeout, ConnectionClosed, HandlerError, HandshakeRejected
+from .errors import RouteError
+from .http import HTTPRequest
 from .server import Server
 
 __all__ = ["main", "build_parser", "make_demo_server", "JSONFormatter"]
@@ -41,9 +47,31 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: The demo's browser page, package data beside this module.
+_DEMO_PAGE = "static/demo.html"
+
+
+def _demo_page(ws_path: str) -> bytes:
+    """The page, told which path to open its WebSocket on (the server's ``path=``)."""
+    page = resources.files("wsroute_sync").joinpath(_DEMO_PAGE).read_text(encoding="utf-8")
+    default = '<meta name="ws-path" content="/">'
+    chosen = f'<meta name="ws-path" content="{html.escape(ws_path)}">'
+    return page.replace(default, chosen, 1).encode("utf-8")
+
+
 def make_demo_server(**options: Any) -> Server:
-    """The demo: ``echo`` returns its Params, ``time`` the server's time, ``add`` a sum."""
+    """The demo: ``echo`` returns its Params, ``time`` the server's time, ``add`` a sum.
+
+    ``GET /`` answers with a page that calls these routes from a browser. It connects back
+    to the host that served it, so its ``Origin`` passes the default same-host check.
+    """
     server = Server(**options)
+    page = _demo_page(server.options.path[0] if server.options.path else "/")
+
+    def demo_page(request: HTTPRequest) -> Tuple[int, str, bytes]:
+        return 200, "text/html; charset=utf-8", page
+
+    server.register_http("/", demo_page)
 
     @server.route("echo")
     def echo(ctx: Any, message: bytes) -> bytes:
@@ -88,6 +116,9 @@ def _add_server_options(parser: argparse.ArgumentParser, default_port: int) -> N
     parser.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
                         help="allow browser pages from ORIGIN (repeatable; '*' allows any)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes sharing the port through SO_REUSEPORT "
+                        "(default 1); --max-connections applies to each")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
 
@@ -112,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 "wsroute_sync.Server.")
     serve.add_argument("target", metavar="MODULE:ATTR", help="e.g. myapp:server")
     _add_server_options(serve, 8080)
+    call = commands.add_parser(
+        "call", help="call a route on a server and print the reply",
+        description="Send {\"Route\": ROUTE, \"Params\": PARAMS} to the server at URL "
+        "and print the reply on stdout. Exit status: 0 for a reply, 1 for an error "
+        "envelope (its message goes to stderr), 2 when the server cannot be reached, "
+        "closes the connection or does not answer in time.",
+    )
+    call.add_argument("url", metavar="URL", help="ws://host:port/path, wss://... or "
+                      "ws+unix:///path/to.sock")
+    call.add_argument("route", metavar="ROUTE", help="the route to call, e.g. echo")
+    call.add_argument("params", metavar="PARAMS", nargs="?", default=None,
+                      help="the Params as JSON, e.g. '{\"k\": 1}' (default null)")
+    call.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds to connect, and again to wait for the reply (default 10)")
+    call.add_argument("--binary", action="store_true",
+                      help="send the request in a binary frame (the reply comes in one too)")
+    call.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                      help="an extra handshake header, e.g. 'Authorization: Bearer T' "
+                      "(repeatable)")
     return parser
 
 
@@ -156,7 +206,7 @@ def _load_server(target: str) -> Server:
     return server
 
 
-def _run(server: Server, host: str, port: int) -> int:
+def _run(server: Server, host: str, port: int, workers: int = 1) -> int:
     def stop(signum: int, frame: Any) -> None:
         # close() from a thread: the signal handler must return for serve() to go on.
         threading.Thread(target=server.close, name="wsroute_sync-stop").start()
@@ -166,6 +216,10 @@ def _run(server: Server, host: str, port: int) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if host == "0.0.0.0":
         address = f":{port}"
+    if workers != 1:
+        from .workers import run_from_cli
+
+        return run_from_cli(server, address, workers)
     try:
         server.start(address)
     except OSError as exc:
@@ -177,12 +231,64 @@ def _run(server: Server, host: str, port: int) -> int:
     return 0
 
 
+def _call_usage_error(message: str) -> int:
+    print(f"wsroute-sync call: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _call(args: argparse.Namespace) -> int:
+    """The ``call`` command: one request, the reply on stdout; see its ``--help``."""
+    params: Any = None
+    if args.params is not None:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            return _call_usage_error(f"PARAMS is not valid JSON: {exc}")
+    headers = []
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            return _call_usage_error(f"--header expects 'NAME: VALUE', got {header!r}")
+        headers.append((name.strip(), value.strip()))
+    if not args.timeout > 0:
+        return _call_usage_error("--timeout must be > 0")
+    try:
+        client = Client.connect(args.url, timeout=args.timeout, headers=headers)
+    except HandshakeRejected as exc:
+        print(f"wsroute-sync: {args.url} refused the connection: HTTP {exc.status}"
+              + (f" {exc.reason}" if exc.reason else ""), file=sys.stderr)
+        return 2
+    except (OSError, ClientTimeout, ConnectionClosed) as exc:
+        print(f"wsroute-sync: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # not a WebSocket URL, a header that is not Latin-1
+        return _call_usage_error(str(exc))
+    with client:
+        try:
+            reply = client.call(args.route, params, binary=args.binary)
+        except RouteError as exc:
+            print(f"wsroute-sync: {exc}", file=sys.stderr)
+            return 1
+        except ClientTimeout:
+            print(f"wsroute-sync: no reply from {args.url} within {args.timeout:g}s",
+                  file=sys.stderr)
+            return 2
+        except ConnectionClosed as exc:
+            print(f"wsroute-sync: {args.url}: {exc}", file=sys.stderr)
+            return 2
+    sys.stdout.buffer.write(reply + b"\n")
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments or arguments[0] not in ("demo", "echo", "serve", "-h", "--help"):
+    if not arguments or arguments[0] not in ("demo", "echo", "serve", "call", "-h", "--help"):
         arguments.insert(0, "demo")  # the demo is the default command
     args = parser.parse_args(arguments)
+    if args.command == "call":
+        return _call(args)
     _configure_logging(args)
     options = _server_options(args)
     try:
@@ -197,6 +303,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             server = make_demo_server(**options)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    return _run(server, args.host, args.port)
+    return _run(server, args.host, args.port, args.workers)
 
 

@@ -15,7 +15,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Union
 
 from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
@@ -80,6 +80,11 @@ class ServerConnection:
     Created by the server for each accepted socket and run by its own thread. Handlers
     reach it as ``ctx.connection``; ``server.connections`` lists the live ones.
     """
+
+    #: The rooms joined with :meth:`join`. Replaced, never mutated, so that a broadcast
+    #: reads it without a lock; the class attribute costs idle connections nothing.
+    rooms: FrozenSet[str] = frozenset()
+    _rooms_lock = threading.Lock()
 
     def __init__(
         self,
@@ -172,6 +177,19 @@ class ServerConnection:
         A client that does not answer within ``close_timeout`` is disconnected.
         """
         self._start_close(code, reason, lock_timeout=self.server.options.write_timeout)
+
+    def join(self, room: str) -> None:
+        """Join ``room``: ``server.broadcast(message, room=room)`` reaches this client (on
+        every instance, with a backplane). Membership ends with the connection."""
+        if not isinstance(room, str):
+            raise TypeError(f"room must be a str, not {type(room).__name__}")
+        with self._rooms_lock:
+            self.rooms = self.rooms | {room}
+
+    def leave(self, room: str) -> None:
+        """Leave ``room``; leaving a room not joined does nothing."""
+        with self._rooms_lock:
+            self.rooms = self.rooms - {room}
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.remote_address!r}>"
@@ -323,7 +341,7 @@ class ServerConnection:
                 sock.settimeout(timeout)
                 sock.do_handshake()
             except (OSError, ssl.SSLError) as exc:
-                self._logger.info("connection %s: TLS handshake failed: %s", self.id, exc)
+                self._logger.warning("connection %s: TLS handshake failed: %s", self.id, exc)
                 return False
         buffer = bytearray()
         limit = options.max_header_size
@@ -388,7 +406,7 @@ class ServerConnection:
                 # "permessage-deflate; client_max_window_bits=abc" is the client's fault.
                 raise HandshakeRejected(400, "invalid Sec-WebSocket-Extensions") from exc
         except HandshakeRejected as exc:
-            self._logger.info(
+            self._logger.warning(
                 "connection %s: handshake refused with %d: %s", self.id, exc.status, exc.reason
             )
             self._send_and_linger(rejection_response(exc, head_only=request.method == "HEAD"))
@@ -412,11 +430,13 @@ class ServerConnection:
         return True
 
     def _refuse_timeout(self) -> None:
-        self._logger.info("connection %s: no complete request within handshake_timeout", self.id)
+        self._logger.warning("connection %s: no complete request within handshake_timeout",
+                             self.id)
         self._send_and_linger(http_response(408, "request head not received in time\n"))
 
     def _refuse(self, status: int, reason: str) -> None:
-        self._logger.info("connection %s: bad request, answered %d: %s", self.id, status, reason)
+        self._logger.warning("connection %s: bad request, answered %d: %s", self.id, status,
+                             reason)
         self._send_and_linger(http_response(status, reason + "\n"))
 
     def _send_and_linger(self, response: bytes) -> None:

@@ -108,6 +108,14 @@ class Context:
         """Set when the connection closes or the server shuts down."""
         return self.connection.closed
 
+    def join(self, room: str) -> None:
+        """Join ``room`` (see ``ServerConnection.join``): ``broadcast(m, room=room)``."""
+        self.connection.join(room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room``; leaving a room not joined does nothing."""
+        self.connection.leave(room)
+
     def send(self, message: Any) -> None:
         """Push an extra message to this client (thread-safe; see ServerConnection.send)."""
         self.connection.send(message)

@@ -18,6 +18,7 @@ __all__ = [
     "HTTPRequest",
     "BadRequest",
     "find_head_end",
+    "check_request_start",
     "parse_request_head",
     "http_response",
 ]
@@ -124,6 +125,25 @@ def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     return -1 if index < 0 else index + 4
 
 
+def check_request_start(data: bytes | bytearray) -> None:
+    """Raise :class:`BadRequest` if ``data`` (the first bytes read) cannot start a request.
+
+    Works on an incomplete head too, so the connection thread can refuse a TLS hello or
+    binary junk as soon as it arrives: a real ClientHello never contains a blank line,
+    and waiting for one would pin the slot for the whole ``handshake_timeout``.
+    """
+    if not data or data.startswith((b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ",
+                                    b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")):
+        return
+    # h11 would accept any token as a method; a request that does not start with a
+    # method we know is almost always a TLS hello or a port scan.
+    if data[:1] in (b"\x16", b"\x80"):
+        raise BadRequest(400, "TLS handshake received on a plain (ws://) listener")
+    # A prefix of a method ("GE") is still letters, so this holds for partial reads.
+    if not bytes(data[:16]).split(b" ", 1)[0].isalpha():
+        raise BadRequest(400, "malformed HTTP request line")
+
+
 def parse_request_head(
     head: bytes, remote_address: Optional[Tuple[str, int]] = None
 ) -> HTTPRequest:
@@ -132,14 +152,7 @@ def parse_request_head(
     Raises :class:`BadRequest` with 400 for anything h11 refuses (garbage, bad header
     syntax) and 505 for an HTTP version it does not speak.
     """
-    if not head.startswith((b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ",
-                            b"PATCH ", b"CONNECT ", b"TRACE ")):
-        # h11 would accept any token as a method; a request that does not start with a
-        # method we know is almost always a TLS hello or a port scan.
-        if head[:1] in (b"\x16", b"\x80"):
-            raise BadRequest(400, "TLS handshake received on a plain (ws://) listener")
-        if not head[:16].split(b" ", 1)[0].isalpha():
-            raise BadRequest(400, "malformed HTTP request line")
+    check_request_start(head)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(bytes(head))
     try:

@@ -12,6 +12,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+from .backplane import Backplane
+
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from .http import HTTPRequest
     from .server import Server
@@ -82,6 +84,8 @@ class ServerOptions:
     # Plain HTTP endpoints
     health_path: Optional[str] = "/healthz"
     metrics_path: Optional[str] = "/metrics"
+    # Scale-out
+    backplane: Optional[Backplane] = None
     # Logging
     logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None  # type: ignore[type-arg]
 
@@ -127,6 +131,9 @@ class ServerOptions:
                 raise TypeError(f"{name} must be callable or None")
         if self.check_origin is not None and self.allowed_origins is not None:
             raise ValueError("give check_origin or allowed_origins, not both")
+        if self.backplane is not None and not isinstance(self.backplane, Backplane):
+            raise TypeError("backplane must be a wsroute_sync.Backplane (e.g. RedisBackplane) "
+                            "or None")
         if self.logger is not None and not isinstance(
             self.logger, (logging.Logger, logging.LoggerAdapter)
         ):

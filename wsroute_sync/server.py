@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
+from .backplane import Backplane, BackplaneMessage
 from .connection import ServerConnection
 from .context import Context
 from .errors import HandshakeRejected
@@ -58,6 +59,13 @@ def _as_message(message: Any) -> Message:
     encoded = encode_result(message, True)
     assert isinstance(encoded, str)
     return encoded
+
+
+def _in_room(room: Optional[str], predicate: Optional[Callable[[ServerConnection], bool]]
+             ) -> Callable[[ServerConnection], bool]:
+    if predicate is None:
+        return lambda connection: room in connection.rooms
+    return lambda connection: room in connection.rooms and predicate(connection)
 
 
 def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
@@ -186,6 +194,11 @@ class Server:
         health_path: plain ``GET`` answered with the server's health (default
             ``/healthz``); metrics_path: Prometheus text (default ``/metrics``).
 
+    Scale-out:
+        backplane: a :class:`~wsroute_sync.Backplane` such as ``RedisBackplane(url)``;
+            ``broadcast()`` (with or without ``room=``) and ``send_to()`` then reach the
+            clients of every instance that shares it; default: this process only.
+
     Others:
         message_handler: ``message_handler(connection, message) -> reply`` replaces JSON
             routing with a raw hook (an echo server is ``lambda c, m: m``).
@@ -217,6 +230,8 @@ class Server:
         # HTTP
         health_path: Optional[str] = "/healthz",
         metrics_path: Optional[str] = "/metrics",
+        # Scale-out
+        backplane: Optional[Backplane] = None,
         # Others
         message_handler: Optional[MessageHandler] = None,
         logger: Union[logging.Logger, logging.LoggerAdapter, None] = None,  # type: ignore[type-arg]
@@ -239,8 +254,11 @@ class Server:
             authenticate=authenticate,
             health_path=health_path,
             metrics_path=metrics_path,
+            backplane=backplane,
             logger=logger,
         )
+        if backplane is not None:
+            backplane._attach(self)
         if message_handler is not None and not callable(message_handler):
             raise TypeError("message_handler must be callable or None")
         self.logger: Union[logging.Logger, logging.LoggerAdapter] = (  # type: ignore[type-arg]
@@ -276,6 +294,7 @@ class Server:
         self._closing = False
         self._closed = threading.Event()
         self._reaper = _Reaper("wsroute_sync-reaper")
+        self._supervisor: Any = None  # a workers.Supervisor in the parent of workers
         self.address: Any = None
 
     # The registry.
@@ -351,10 +370,12 @@ class Server:
         self,
         message: Any,
         *,
+        room: Optional[str] = None,
         predicate: Optional[Callable[[ServerConnection], bool]] = None,
         timeout: Optional[float] = None,
     ) -> int:
-        """Send ``message`` to every open connection (or those ``predicate`` picks).
+        """Send ``message`` to every open connection (or those in ``room``, or those
+        ``predicate`` picks).
 
         Safe from any thread; closed connections are skipped without raising. ``str``
         goes as text, bytes as binary, anything else as JSON text. Writes never block on
@@ -362,8 +383,72 @@ class Server:
         are full are served as they drain, together, for at most ``timeout`` seconds
         (default ``write_timeout``, else 10). A client still behind after that cannot
         take even a Close frame, so it is disconnected and logged. Returns how many
-        connections received the whole message.
+        connections **of this instance** received the whole message.
+
+        With a ``backplane``, the message is then published, and every other instance
+        delivers it to its own clients (in ``room``, if given). A ``predicate`` is a
+        local function that cannot travel: a broadcast with one stays on this instance.
         """
+        data = _as_message(message)
+        if room is not None and not isinstance(room, str):
+            raise TypeError(f"room must be a str, not {type(room).__name__}")
+        # Local clients first and directly: they never wait for, nor depend on, the
+        # backplane; other instances ignore what we publish back to us.
+        sent = self._broadcast_local(
+            data, predicate=predicate if room is None else _in_room(room, predicate),
+            timeout=timeout,
+        )
+        backplane = self.options.backplane
+        if backplane is not None and predicate is None:
+            backplane.publish(BackplaneMessage(
+                "broadcast" if room is None else "room", data, target=room,
+                origin=self._id_prefix[:-1],
+            ))
+        return sent
+
+    def send_to(self, connection_id: str, message: Any) -> bool:
+        """Send ``message`` to the client with this connection id, wherever it is.
+
+        A client of this instance gets it directly; with a ``backplane``, a client of
+        another instance (the id's prefix names it) gets it through the backplane.
+        Returns ``True`` once written to a local client or handed to the backplane
+        (delivery over there is not confirmed), ``False`` if the client is not connected
+        here and no backplane could take it.
+        """
+        data = _as_message(message)
+        with self._connections_lock:
+            connection = self._connections.get(connection_id)
+        if connection is not None:
+            return connection._send(data)
+        owner = connection_id.rpartition("-")[0] if isinstance(connection_id, str) else ""
+        backplane = self.options.backplane
+        if backplane is None or not owner or owner == self._id_prefix[:-1]:
+            return False
+        return backplane.publish(BackplaneMessage(
+            "send_to", data, target=connection_id, origin=self._id_prefix[:-1],
+            destination=owner,
+        ))
+
+    def _deliver_remote(self, message: BackplaneMessage) -> None:
+        """A message another instance published: to our own clients, on the backplane's
+        thread."""
+        if message.kind == "send_to":
+            with self._connections_lock:
+                connection = self._connections.get(message.target or "")
+            if connection is not None:
+                connection._send(message.data)
+            return
+        predicate = _in_room(message.target, None) if message.kind == "room" else None
+        self._broadcast_local(message.data, predicate=predicate)
+
+    def _broadcast_local(
+        self,
+        message: Any,
+        *,
+        predicate: Optional[Callable[[ServerConnection], bool]] = None,
+        timeout: Optional[float] = None,
+    ) -> int:
+        """:meth:`broadcast` to this instance's clients only."""
         data = _as_message(message)
         limit = timeout if timeout is not None else (self.options.write_timeout or 10.0)
         deadline = time.monotonic() + limit
@@ -486,7 +571,9 @@ class Server:
             host = f"[{host}]"
         return f"{scheme}://{host}:{port}/"
 
-    def _listen(self, addr: str, ssl_context: Optional[ssl.SSLContext]) -> None:
+    def _listen(self, addr: str, ssl_context: Optional[ssl.SSLContext], *,
+                reuse_port: bool = False) -> None:
+        # reuse_port: workers.py's worker processes share one port (SO_REUSEPORT).
         with self._state_lock:
             if self._closing:
                 raise RuntimeError("the server is closed; make a new one")
@@ -511,16 +598,18 @@ class Server:
                     if socket.has_dualstack_ipv6():
                         listener = socket.create_server(
                             ("", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                            backlog=_LISTEN_BACKLOG, reuse_port=False,
+                            backlog=_LISTEN_BACKLOG, reuse_port=reuse_port,
                         )
                     else:  # pragma: no cover - depends on the system
                         listener = socket.create_server(("0.0.0.0", port),
-                                                        backlog=_LISTEN_BACKLOG)
+                                                        backlog=_LISTEN_BACKLOG,
+                                                        reuse_port=reuse_port)
                 else:
                     infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
                     fam = infos[0][0]
                     listener = socket.create_server(
-                        infos[0][4][:2], family=fam, backlog=_LISTEN_BACKLOG
+                        infos[0][4][:2], family=fam, backlog=_LISTEN_BACKLOG,
+                        reuse_port=reuse_port,
                     )
                 self.address = listener.getsockname()[:2]
             listener.setblocking(False)
@@ -530,6 +619,9 @@ class Server:
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
         self.logger.info("server listening on %s", self.url)
+        if self.options.backplane is not None:
+            # Never raises for an unreachable peer: local delivery starts regardless.
+            self.options.backplane.start(self._id_prefix[:-1], self._deliver_remote)
 
     def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None
               ) -> "Server":
@@ -544,13 +636,22 @@ class Server:
         thread.start()
         return self
 
-    def serve(self, addr: str = ":8080", *, ssl_context: Optional[ssl.SSLContext] = None
-              ) -> None:
+    def serve(self, addr: str = ":8080", *, ssl_context: Optional[ssl.SSLContext] = None,
+              workers: int = 1) -> None:
         """Listen on ``addr`` and serve in this thread until :meth:`close` is called.
 
         Returns normally once the server has closed. Raises ``OSError`` if the address
         cannot be bound (the Go original's ``Serve`` error).
+
+        ``workers=N`` (N > 1) forks N worker processes that share the port through
+        ``SO_REUSEPORT``, each with its own ``max_connections``; this process supervises
+        them (see :mod:`wsroute_sync.workers`). Call it before starting threads.
         """
+        if workers != 1:
+            from .workers import serve_workers
+
+            serve_workers(self, addr, workers, ssl_context=ssl_context)
+            return
         self._listen(addr, ssl_context)
         self._accept_loop()
         self._closed.wait()
@@ -587,6 +688,8 @@ class Server:
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         self.logger.info("server closing")
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout)  # worker processes: each closes its clients
         if self._wake_w is not None:
             try:
                 self._wake_w.send(b"x")
@@ -595,6 +698,8 @@ class Server:
         accept_thread = self._accept_thread
         if accept_thread is not None and accept_thread is not threading.current_thread():
             accept_thread.join()
+        if self.options.backplane is not None:
+            self.options.backplane.close()  # no more deliveries from other instances
         with self._connections_lock:
             # No connection is registered once _closing is set, so this list is final.
             connections = list(self._connections.values())
