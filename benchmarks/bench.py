@@ -79,6 +79,10 @@ class ServerSpec:
 
 SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("wsroute-sync", "wsroute_sync", "ws", "ours"),
+    ServerSpec(
+        "wsroute-sync-workers2", "wsroute_sync workers=2", "ws",
+        "ours, two worker processes on SO_REUSEPORT (pinned: both on the server's core)",
+    ),
     ServerSpec("websockets-sync", "websockets.sync", "ws", "python-websockets, threaded API"),
     ServerSpec(
         "simple-websocket", "simple-websocket", "ws", "plain accept loop + simple_websocket.Server"
@@ -167,29 +171,50 @@ def wait_for_quiet(max_wait_s: float, threshold: float) -> tuple[float, float]:
     return load, time.monotonic() - t0
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: a server with worker processes is all of them."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                todo.extend(int(c) for c in children)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
 def sample_proc(pid: int) -> ProcSample | None:
-    """Read CPU, memory, thread and fd counts of ``pid``; None if it is gone."""
+    """Read CPU, memory, thread and fd counts of ``pid`` and its descendants (worker
+    processes); None if ``pid`` is gone."""
     t = time.monotonic()
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm (field 2) may contain spaces; fields after the last ')' are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    values: dict[str, int] = {}
-    for line in status.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM", "Threads"):
-            values[name] = int(rest.split()[0])
+    cpu_ticks = 0
+    values: dict[str, int] = {"VmRSS": 0, "VmHWM": 0, "Threads": 0}
+    fds = 0
+    for index, member in enumerate(_process_tree(pid)):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+            status = Path(f"/proc/{member}/status").read_text()
+            fds += len(os.listdir(f"/proc/{member}/fd"))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            if index == 0:
+                return None
+            continue  # a worker that just exited
+        # comm (field 2) may contain spaces; fields after the last ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        for line in status.splitlines():
+            name, _, rest = line.partition(":")
+            if name in values:
+                values[name] += int(rest.split()[0])
     return ProcSample(
         t=t,
-        cpu_s=(utime + stime) / CLK_TCK,
-        rss_kib=values.get("VmRSS", 0),
-        hwm_kib=values.get("VmHWM", 0),
-        threads=values.get("Threads", 0),
+        cpu_s=cpu_ticks / CLK_TCK,
+        rss_kib=values["VmRSS"],
+        hwm_kib=values["VmHWM"],
+        threads=values["Threads"],
         fds=fds,
         machine_cpu_s=machine_busy_s(),
     )
