@@ -49,11 +49,18 @@ def encode_frame(
     rsv: int = 0,
     mask: bool = True,
     length: Optional[int] = None,
+    key: Optional[bytes] = None,
+    extended: bool = False,
 ) -> bytes:
-    """A frame; ``length`` lies about the payload length when given."""
+    """A client frame, byte by byte.
+
+    ``length`` lies about the payload length when given; ``key`` fixes the masking key
+    (random otherwise); ``extended`` writes a short length in the 16-bit form, which
+    RFC 6455 5.2 forbids (the length must be minimal).
+    """
     n = len(payload) if length is None else length
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    if n < 126:
+    if n < 126 and not extended:
         header = struct.pack("!BB", first, (0x80 if mask else 0) | n)
     elif n < 65536:
         header = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, n)
@@ -61,7 +68,7 @@ def encode_frame(
         header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, n)
     if not mask:
         return header + payload
-    key = os.urandom(4)
+    key = os.urandom(4) if key is None else key
     masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
     return header + key + masked
 

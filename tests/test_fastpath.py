@@ -9,7 +9,6 @@ messages, control outcomes and close codes from both.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any, List, Optional, Tuple
 
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, Request, TextMessage
 
+from rawclient import encode_frame
 from wsroute_sync.http import parse_request_head
 from wsroute_sync.protocol import (
     CloseReceived,
@@ -40,19 +40,7 @@ def make_stream(fast: bool, max_size: Optional[int]) -> MessageStream:
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bool = True,
           long_length: bool = False) -> bytes:
-    n = len(payload)
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    m = 0x80 if mask else 0
-    if n < 126 and not long_length:
-        head = struct.pack("!BB", first, m | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, m | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, m | 127, n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return encode_frame(opcode, payload, fin=fin, rsv=rsv, mask=mask, extended=long_length)
 
 
 def normalise(outcomes: List[Any]) -> List[Tuple[Any, ...]]:

@@ -32,6 +32,8 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from rawclient import encode_frame
+
 from wsroute_sync.context import Context
 from wsroute_sync.errors import HandlerError
 from wsroute_sync.http import parse_request_head
@@ -73,19 +75,9 @@ def pair(compression: bool, max_size: Optional[int]) -> Tuple[MessageStream, WSC
 
 def raw_frame(opcode: int, payload: bytes, mask: bytes, *, fin: bool = True, rsv: int = 0,
               masked: bool = True, length: Optional[int] = None) -> bytes:
-    """A client frame, byte by byte; ``length`` may lie about the payload."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head = struct.pack("!BB", first, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, bit | 127, n)
-    if not masked:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    """A client frame with a chosen masking key; ``length`` may lie about the payload."""
+    return encode_frame(opcode, payload, fin=fin, rsv=rsv, mask=masked, length=length,
+                        key=mask)
 
 
 Expected = Tuple[Any, ...]
