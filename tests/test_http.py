@@ -56,10 +56,18 @@ def heads(draw: Any) -> bytes:
     return (end.join(lines) + end + end).encode("latin-1")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(head=heads())
 def test_parser_agrees_with_h11(head: bytes) -> None:
-    assert ours(head) == h11_parse(head)
+    mine, reference = ours(head), h11_parse(head)
+    if mine is None and reference is not None:
+        # The one intended difference: h11 takes any byte but NUL and whitespace in a
+        # field value; RFC 9110 5.5 allows only VCHAR, obs-text, SP and HTAB, so a
+        # control character such as DEL (0x7f) is refused here.
+        assert any(b < 0x20 and b not in (0x09,) or b == 0x7F
+                   for _, value in reference[3] for b in value.encode("latin-1"))
+        return
+    assert mine == reference
 
 
 @pytest.mark.parametrize("head, status", [
@@ -70,6 +78,7 @@ def test_parser_agrees_with_h11(head: bytes) -> None:
     (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
     (b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", 400),  # bare CR
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: \x7f\r\n\r\n", 400),  # DEL is no field-vchar
     (b"\x16\x03\x01\x00\x05hello\r\n\r\n", 400),
 ])
 def test_refusals(head: bytes, status: int) -> None:

@@ -200,10 +200,11 @@ def parse_request_head(
         elif name == "transfer-encoding" and value.lower() != "chunked":
             raise BadRequest(501, "only chunked transfer coding is supported")
         items.append((name, value))
-    if minor == b"1" and hosts != 1:
-        # RFC 9112 3.2: exactly one Host on HTTP/1.1.
-        raise BadRequest(400, "malformed HTTP request: " + (
-            "missing Host header" if not hosts else "more than one Host header"))
+    # RFC 9112 3.2: never more than one Host; exactly one on HTTP/1.1.
+    if hosts > 1:
+        raise BadRequest(400, "malformed HTTP request: more than one Host header")
+    if minor == b"1" and not hosts:
+        raise BadRequest(400, "malformed HTTP request: missing Host header")
     return HTTPRequest(
         method=method.decode("ascii"),
         target=target.decode("ascii"),
