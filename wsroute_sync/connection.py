@@ -9,7 +9,6 @@ one ``recv`` and one ``send`` system call, and an idle connection costs no wake-
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import struct

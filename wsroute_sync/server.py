@@ -706,9 +706,7 @@ class Server:
         current = threading.current_thread()
         for connection in connections:
             # Do not queue behind a thread stuck writing to a slow client for long.
-            if connection._start_close(CLOSE_GOING_AWAY, "server shutting down",
-                                       lock_timeout=0.5) is False:
-                pass
+            connection._start_close(CLOSE_GOING_AWAY, "server shutting down", lock_timeout=0.5)
         close_timeout = self.options.close_timeout
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
