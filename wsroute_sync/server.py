@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from .backplane import Backplane, BackplaneMessage
-from .connection import ServerConnection
+from .connection import UNKNOWN_TIMEOUT, ServerConnection, prepare_listener
 from .context import Context
 from .errors import HandshakeRejected
 from .http import HTTPRequest, http_response
@@ -30,6 +30,7 @@ from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_M
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
 from .metrics import Totals, render_prometheus
+from .pool import ThreadPool
 from .routing import Dispatcher, Handler, encode_result, resolve_handler
 
 __all__ = ["Server", "parse_address", "MessageHandler", "HTTPHandler"]
@@ -46,6 +47,10 @@ _LINGER_SECONDS = 2.0
 # Accepting in batches keeps a burst of connects from starving the wake-up pipe.
 _ACCEPT_BATCH = 64
 _LISTEN_BACKLOG = 1024
+# Connection threads kept for reuse once their connection ends (see pool.py), and how
+# long one waits for the next connection before it exits.
+_MAX_IDLE_THREADS = 64
+_IDLE_THREAD_SECONDS = 30.0
 
 
 def _as_message(message: Any) -> Message:
@@ -144,8 +149,7 @@ class _Reaper:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-                thread = connection.thread
-                if thread is not None and thread.is_alive():
+                if not connection.finished:
                     connection._logger.info(
                         "connection %s: no Close answer within close_timeout, dropping",
                         connection.id,
@@ -294,6 +298,11 @@ class Server:
         self._closing = False
         self._closed = threading.Event()
         self._reaper = _Reaper("wsroute_sync-reaper")
+        self._pool = ThreadPool(
+            max_idle=min(_MAX_IDLE_THREADS, max_connections), idle_timeout=_IDLE_THREAD_SECONDS
+        )
+        # SO_RCVTIMEO that accepted sockets inherit from the listener (prepare_listener).
+        self._accepted_read_timeout: Optional[float] = UNKNOWN_TIMEOUT
         self._supervisor: Any = None  # a workers.Supervisor in the parent of workers
         self.address: Any = None
 
@@ -613,6 +622,11 @@ class Server:
                     )
                 self.address = listener.getsockname()[:2]
             listener.setblocking(False)
+            if ssl_context is None and prepare_listener(
+                listener, read_timeout=self.options.handshake_timeout,
+                write_timeout=self.options.write_timeout,
+            ):
+                self._accepted_read_timeout = self.options.handshake_timeout
             self._listener = listener
             self._ssl_context = ssl_context
             self._wake_r, self._wake_w = socket.socketpair()
@@ -711,19 +725,19 @@ class Server:
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
             grace_end = min(grace_end, deadline)
-        others = [c for c in connections if c.thread is not None and c.thread is not current]
+        # A connection whose thread has not started yet has no thread: it is waited for.
+        others = [c for c in connections if c.thread is not current]
         for connection in others:
-            assert connection.thread is not None
-            connection.thread.join(max(0.0, grace_end - time.monotonic()))
+            connection.wait_finished(max(0.0, grace_end - time.monotonic()))
         for connection in others:
-            assert connection.thread is not None
-            if connection.thread.is_alive():
+            if not connection.finished:
                 connection._abort()  # unblocks its read; a running handler still finishes
         for connection in others:
-            assert connection.thread is not None
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            connection.thread.join(remaining)
-        stuck = [c for c in others if c.thread is not None and c.thread.is_alive()]
+            connection.wait_finished(remaining)
+        stuck = [c for c in others if not c.finished]
+        # The pooled threads, idle or finishing a connection, end too.
+        self._pool.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         for connection in stuck:
             self.logger.warning(
                 "connection %s did not finish within %ss (a handler still running?)",
@@ -837,10 +851,6 @@ class Server:
         connection = ServerConnection(
             self, sock, remote, f"{self._id_prefix}{next(self._ids)}"
         )
-        thread = threading.Thread(
-            target=connection.run, name=f"wsroute_sync-conn-{connection.id}"
-        )
-        connection.thread = thread
         with self._connections_lock:
             if self._closing:
                 registered = False
@@ -853,7 +863,7 @@ class Server:
             sock.close()
             return
         try:
-            thread.start()
+            self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
         except RuntimeError as exc:  # "can't start new thread": out of memory or limits
             self.logger.error("cannot start a connection thread: %s", exc)
             with self._connections_lock:

@@ -1,0 +1,187 @@
+"""Pooled connection threads: reused, bounded, retired when idle, all joined at close."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import sys
+import threading
+from typing import Any, List
+
+import pytest
+from websockets.sync.client import connect
+
+from conftest import TIMEOUT, ListHandler, _wait_for, make_server, running
+from wsroute_sync import Server
+from wsroute_sync.pool import ThreadPool
+
+
+def url(server: Server) -> str:
+    host, port = server.address
+    return f"ws://{host}:{port}/"
+
+
+def test_a_finished_jobs_thread_runs_the_next_job() -> None:
+    pool = ThreadPool(max_idle=4)
+    seen: List[threading.Thread] = []
+    for i in range(3):
+        done = threading.Event()
+        pool.submit(lambda: (seen.append(threading.current_thread()), done.set()), f"job-{i}")
+        assert done.wait(TIMEOUT)
+        assert _wait_for(lambda: pool.idle == 1)
+    assert len(set(seen)) == 1 and pool.threads == 1
+    assert seen[0].name == "wsroute_sync-idle"  # renamed while it waits
+    assert pool.close(TIMEOUT)
+    assert not seen[0].is_alive()
+
+
+def test_busy_threads_are_never_shared_and_idle_ones_are_capped() -> None:
+    pool = ThreadPool(max_idle=2)
+    release = threading.Event()
+    started = threading.Barrier(6)
+    names: List[str] = []
+
+    def job() -> None:
+        names.append(threading.current_thread().name)
+        started.wait(TIMEOUT)  # all five jobs run at once: five threads
+        release.wait(TIMEOUT)
+
+    for i in range(5):
+        pool.submit(job, f"job-{i}")
+    started.wait(TIMEOUT)
+    assert sorted(names) == [f"job-{i}" for i in range(5)]
+    assert pool.threads == 5 and pool.idle == 0
+    release.set()
+    # Two stay for the next jobs; the other three exit.
+    assert _wait_for(lambda: pool.threads == 2 and pool.idle == 2)
+    assert pool.close(TIMEOUT)
+    assert pool.threads == 0
+
+
+def test_an_idle_thread_leaves_after_idle_timeout() -> None:
+    pool = ThreadPool(max_idle=4, idle_timeout=0.05)
+    threads: List[threading.Thread] = []
+    pool.submit(lambda: threads.append(threading.current_thread()), "job")
+    assert _wait_for(lambda: bool(threads))
+    threads[0].join(TIMEOUT)
+    assert not threads[0].is_alive()
+    assert pool.threads == 0 and pool.idle == 0
+    pool.close(TIMEOUT)
+
+
+def test_jobs_handed_over_while_idle_threads_time_out_all_run_once() -> None:
+    # With a tiny idle timeout, a submit() often pops a worker whose wait has just run
+    # out: the worker must notice it was handed a job and run it, not leave.
+    pool = ThreadPool(max_idle=2, idle_timeout=0.0005)
+    counts = [0] * 300
+    for i in range(len(counts)):
+        done = threading.Event()
+
+        def job(i: int = i, done: threading.Event = done) -> None:
+            counts[i] += 1
+            done.set()
+
+        pool.submit(job, f"job-{i}")
+        assert done.wait(TIMEOUT), f"job {i} never ran"
+    assert counts == [1] * len(counts)
+    assert pool.close(TIMEOUT)
+    assert pool.threads == 0
+
+
+def test_closed_pool_refuses_jobs_and_close_from_a_pooled_thread_returns() -> None:
+    pool = ThreadPool()
+    returned = threading.Event()
+    threads: List[threading.Thread] = []
+
+    def job() -> None:
+        threads.append(threading.current_thread())
+        pool.close(TIMEOUT)  # must not wait for the thread it runs in
+        returned.set()
+
+    pool.submit(job, "closer")
+    assert returned.wait(TIMEOUT)
+    threads[0].join(TIMEOUT)
+    assert not threads[0].is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(lambda: None, "late")
+
+
+def test_pool_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        ThreadPool(max_idle=-1)
+    with pytest.raises(ValueError):
+        ThreadPool(idle_timeout=0)
+
+
+def test_consecutive_connections_reuse_one_thread_named_after_each() -> None:
+    server = Server(handler_timeout=None)
+
+    @server.route("who")
+    def who(ctx: Any, message: bytes) -> Any:
+        thread = threading.current_thread()
+        return {"ident": thread.ident, "name": thread.name, "id": ctx.connection_id}
+
+    import json
+
+    with running(server) as srv:
+        seen = []
+        for _ in range(3):
+            with connect(url(srv)) as ws:
+                ws.send('{"Route":"who"}')
+                seen.append(json.loads(ws.recv(timeout=TIMEOUT)))
+            # The connection is finished (slot and thread freed) before the next one.
+            assert _wait_for(lambda: srv.active_connections == 0 and srv._pool.idle == 1)
+        assert len({s["ident"] for s in seen}) == 1
+        assert [s["name"] for s in seen] == [f"wsroute_sync-conn-{s['id']}" for s in seen]
+    assert not [t for t in threading.enumerate() if t.name.startswith("wsroute_sync")]
+
+
+def test_a_thread_that_cannot_start_refuses_only_that_client(monkeypatch: Any) -> None:
+    handler = ListHandler()
+    logger = logging.getLogger("test.pool.nostart")
+    logger.addHandler(handler)
+    logger.propagate = False
+    with running(make_server(logger=logger)) as srv:
+        real_start = threading.Thread.start
+
+        def failing_start(self: threading.Thread) -> None:
+            if self.name.startswith("wsroute_sync-conn"):
+                raise RuntimeError("can't start new thread")
+            real_start(self)
+
+        monkeypatch.setattr(threading.Thread, "start", failing_start)
+        with pytest.raises(Exception):
+            with connect(url(srv), open_timeout=TIMEOUT):
+                pass
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert srv.active_connections == 0
+        with connect(url(srv)) as ws:  # the slot was given back
+            ws.send('{"Route":"echo","Params":1}')
+            assert ws.recv(timeout=TIMEOUT) == "1"
+    assert any("cannot start a connection thread" in m for m in handler.messages(logging.ERROR))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux inheritance")
+def test_accepted_sockets_start_with_the_listeners_timeouts() -> None:
+    server = make_server(handshake_timeout=3.5, write_timeout=2.0, ping_interval=None)
+    options: List[Any] = []
+
+    @server.route("opts")
+    def opts(ctx: Any, message: bytes) -> Any:
+        sock = ctx.connection._sock
+        options.append((
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)),
+            struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)),
+        ))
+        return "ok"
+
+    with running(server) as srv:
+        assert srv._accepted_read_timeout == 3.5
+        with connect(url(srv)) as ws:
+            ws.send('{"Route":"opts"}')
+            assert ws.recv(timeout=TIMEOUT) == "ok"
+    # Nagle off, writes bounded by write_timeout, and after the handshake reads wait
+    # forever (ping_interval=None), not the handshake's 3.5 s.
+    assert options == [(1, (0, 0), (2, 0))]

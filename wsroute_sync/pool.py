@@ -1,0 +1,165 @@
+"""Connection threads that outlive their connection, to serve the next one.
+
+Each connection is still served by a thread of its own from its handshake to its close;
+what this module changes is where that thread comes from. Starting a thread in CPython
+(``threading.Thread`` set-up, ``pthread_create``, and ``start()`` waiting until the new
+thread has run) is the largest single cost of a short connection, larger than its
+handshake. So a thread whose connection has ended waits, for a while, to be handed the
+next one: a lock released by the accept loop, which wakes exactly that thread.
+
+The pool keeps at most ``max_idle`` such threads, the most recently used first (their
+stacks and caches are the warmest), and each leaves after ``idle_timeout`` seconds
+without work, so a burst of connections does not leave a crowd of threads behind.
+Threads are non-daemon and registered under the pool's lock before they start, so
+:meth:`ThreadPool.close` can join every one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, List, Optional, Set
+
+__all__ = ["ThreadPool"]
+
+Job = Callable[[], None]
+
+
+class _Worker:
+    """One pooled thread: its wake-up lock and the job handed to it."""
+
+    __slots__ = ("pool", "wake", "job", "thread")
+
+    def __init__(self, pool: "ThreadPool", job: Job, name: str) -> None:
+        self.pool = pool
+        # Held while the thread has nothing to do; releasing it hands over ``job``.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.job: Optional[Job] = job
+        self.thread = threading.Thread(target=self._run, name=name)
+
+    def _run(self) -> None:
+        pool = self.pool
+        try:
+            while True:
+                job = self.job
+                if job is None:
+                    return  # the pool is closing
+                self.job = None
+                job()
+                del job  # do not keep the finished connection alive while idle
+                if not pool._park(self):
+                    return
+                if not self.wake.acquire(timeout=pool.idle_timeout):
+                    if pool._retire(self):
+                        return
+                    # submit() took this worker just as it timed out: its job is coming.
+                    self.wake.acquire()
+        finally:
+            pool._exited(self)
+
+
+class ThreadPool:
+    """Runs each job in a thread of its own, reusing threads whose job has finished.
+
+    ``submit(job, name)`` never queues: the job starts at once, in an idle thread or a
+    new one. A job is expected to handle its own errors (the connection's ``run`` does).
+    """
+
+    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+        if max_idle < 0:
+            raise ValueError("max_idle must be >= 0")
+        if idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._idle: List[_Worker] = []  # a stack: the last parked is the first reused
+        self._workers: Set[_Worker] = set()
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        """Threads waiting for a job."""
+        return len(self._idle)
+
+    @property
+    def threads(self) -> int:
+        """Threads alive in the pool, busy or idle."""
+        return len(self._workers)
+
+    def submit(self, job: Job, name: str) -> None:
+        """Run ``job`` now in a thread named ``name``.
+
+        Raises ``RuntimeError`` if the pool is closed or a new thread cannot start
+        (CPython's "can't start new thread", when memory or limits run out).
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the thread pool is closed")
+            new = not self._idle
+            if new:
+                worker = _Worker(self, job, name)
+                self._workers.add(worker)  # registered before it starts: close() joins it
+            else:
+                worker = self._idle.pop()
+        if not new:
+            worker.job = job
+            worker.thread.name = name
+            worker.wake.release()
+            return
+        try:
+            worker.thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._workers.discard(worker)
+            raise
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Stop taking jobs, end the idle threads, and wait for every thread to exit.
+
+        Busy threads exit when their job returns. Safe from a pooled thread (it is not
+        waited for). Returns ``False`` if some thread was still running at ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            workers = list(self._workers)
+        for worker in idle:
+            worker.job = None
+            worker.wake.release()
+        current = threading.current_thread()
+        for worker in workers:
+            if worker.thread is current or worker.thread.ident is None:
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            worker.thread.join(remaining)
+        return not any(
+            w.thread.is_alive() for w in workers if w.thread is not current
+        )
+
+    # Called by the workers.
+
+    def _park(self, worker: _Worker) -> bool:
+        """Make a worker whose job ended idle; ``False`` if it should exit instead."""
+        with self._lock:
+            if self._closed or len(self._idle) >= self.max_idle:
+                return False
+            worker.thread.name = "wsroute_sync-idle"
+            self._idle.append(worker)
+            return True
+
+    def _retire(self, worker: _Worker) -> bool:
+        """An idle worker's wait ran out: ``True`` if it left the pool, ``False`` if it
+        was handed a job in the meantime."""
+        with self._lock:
+            try:
+                self._idle.remove(worker)
+            except ValueError:
+                return False
+            return True
+
+    def _exited(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
