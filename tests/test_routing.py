@@ -205,3 +205,57 @@ def test_params_text_is_the_clients_own_spelling() -> None:
     assert parse_request('{"Route":"r","Params": {"b": 2, "a": [1,  2]} }')[2] == (
         '{"b": 2, "a": [1,  2]}')
     assert parse_request('{"Route":"r"}')[2] == "null"
+
+
+params_texts = st.one_of(
+    json_values.map(json.dumps),
+    json_values.map(lambda v: json.dumps(v, indent=1)),
+    st.sampled_from(["NaN", "-Infinity", "[1,", "1 2", "{", '"\\ud800"', '"a\x01"', "01",
+                     "", "nul", '{"a":1,}', "[" * 50 + "]" * 50, "1" * 5000]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    route=st.one_of(st.text(max_size=10), st.sampled_from(["echo", 'a"b', "a\\b", "\x00",
+                                                            "\u2028", "é"])),
+    raw_route=st.booleans(),
+    params=params_texts,
+    spacing=st.sampled_from(["", " ", "\n\t ", "\r"]),
+    tail=st.sampled_from(["", "", " ", ',"Route":"z"', ',"x":1', "}", " x", "\n"]),
+)
+def test_usual_shape_reader_agrees_with_the_walk(route: str, raw_route: bool, params: str,
+                                                 spacing: str, tail: str) -> None:
+    """The regular-expression reader of '{"Route":..,"Params":..}' gives exactly what the
+    member walk gives for the same text: route, value, the same cut of Params text, and
+    the same error when there is one."""
+    from wsroute_sync.routing import _walk_request
+
+    sp = spacing
+    # raw_route puts the route's characters between quotes unescaped, as a careless
+    # client would (control characters and backslashes then make it invalid JSON).
+    quoted = f'"{route}"' if raw_route else json.dumps(route, ensure_ascii=False)
+    text = f'{sp}{{{sp}"Route"{sp}:{sp}{quoted}{sp},{sp}"Params"{sp}:{sp}{params}{sp}{tail}}}{sp}'
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return fn(text)
+        except EnvelopeError as exc:
+            return exc.msg
+
+    assert outcome(parse_request) == outcome(_walk_request)
+
+
+def test_usual_shape_does_not_need_the_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsroute_sync.routing as routing
+
+    def walk(text: str) -> Any:
+        raise AssertionError(f"walked {text!r}")
+
+    monkeypatch.setattr(routing, "_walk_request", walk)
+    assert parse_request('{"Route":"echo","Params":{"message":"hi"}}') == (
+        "echo", {"message": "hi"}, '{"message":"hi"}')
+    assert parse_request(b' { "Route" : "r\xc3\xa9" ,\n"Params": [1, 2] }\n') == (
+        "ré", [1, 2], "[1, 2]")
+    with pytest.raises(AssertionError, match="walked"):
+        parse_request('{"Params":1,"Route":"r"}')  # another order: the walk reads it

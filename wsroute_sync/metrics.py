@@ -42,6 +42,7 @@ class ConnectionMetrics:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def observe(self, route: str, seconds: float) -> None:
+        # routing.Dispatcher.dispatch does the same inline once a route has its row.
         row = self.latency.get(route)
         if row is None:
             row = self.latency[route] = [0.0] * (len(LATENCY_BUCKETS) + 2)

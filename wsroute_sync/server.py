@@ -274,7 +274,8 @@ class Server:
         self._http_handlers: Dict[str, HTTPHandler] = {}
         self._handlers_lock = threading.Lock()
         self._dispatcher = Dispatcher(
-            self._lookup, Context, logger=self.logger, handler_timeout=handler_timeout
+            self._handlers.get, Context, logger=self.logger, handler_timeout=handler_timeout,
+            lock=self._handlers_lock,
         )
         self._message_handler: MessageHandler = (
             message_handler if message_handler is not None else self._dispatcher.dispatch
