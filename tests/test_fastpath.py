@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Any, List, Optional, Tuple
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -185,3 +186,53 @@ def test_wsproto_client_messages_round_trip() -> None:
     assert stream.receive(burst) == ["a", b"b" * 5000]
     client.receive_data(stream.send("reply") + stream.send(b"\x01"))
     assert [type(e).__name__ for e in client.events()] == ["TextMessage", "BytesMessage"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream_frames=st.lists(
+        st.one_of(
+            frames(),
+            # Around the 7-bit/16-bit length boundary and the integer-unmask limit.
+            st.builds(lambda n, op: frame(op, b"\xce\xbb" * (n // 2) + b"a" * (n % 2)),
+                      st.sampled_from([0, 1, 124, 125, 126, 127, 2047, 2048, 2049, 3000]),
+                      st.sampled_from([1, 2])),
+            st.builds(lambda n: frame(1, b"b" * n, long_length=True), st.integers(0, 200)),
+            # A fragment alone in its read: a whole frame after it is then an error.
+            st.builds(lambda t, op: frame(op, t, fin=False), texts, st.sampled_from([0, 1, 2])),
+            st.builds(lambda t: frame(0, t), texts),
+        ),
+        min_size=1, max_size=8,
+    ),
+    max_size=st.sampled_from([None, 50, 125, 126, 2048, 1 << 20]),
+)
+def test_one_frame_per_read_matches_wsproto(stream_frames: List[bytes],
+                                            max_size: Optional[int]) -> None:
+    """Each frame arriving in a read of its own (receive()'s single-frame check)."""
+    fast = make_stream(True, max_size)
+    slow = make_stream(False, max_size)
+    got: List[Any] = []
+    want: List[Any] = []
+    for data in stream_frames:
+        got += fast.receive(data)
+        want += slow.receive(data)
+        if any(isinstance(o, (CloseReceived, ProtocolFailure)) for o in want + got):
+            break
+    fast_out, slow_out = normalise(got), normalise(want)
+    if fast_out != slow_out and fast_out[-1:] == [("fail", 1009)] and slow_out == fast_out[:-1]:
+        return  # the early 1009 on an announced size, as in test_fast_path_matches_wsproto
+    assert fast_out == slow_out
+    assert fast.open == slow.open
+
+
+def test_one_frame_per_read_skips_wsproto_and_the_frame_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def unexpected(*args: Any) -> Any:
+        raise AssertionError("the single-frame check should have decoded this read")
+
+    stream = make_stream(True, 1 << 20)
+    monkeypatch.setattr(MessageStream, "_split", unexpected)
+    stream._ws.receive_data = unexpected  # type: ignore[method-assign]
+    assert stream.receive(frame(1, "é".encode() * 100)) == ["é" * 100]
+    assert stream.receive(frame(2, b"\x00" * 2000)) == [b"\x00" * 2000]
+    assert stream.receive(frame(2, b"\x00" * 20)) == [b"\x00" * 20]

@@ -619,8 +619,10 @@ class ServerConnection:
                     self.close_code, self.close_reason = item.code, item.reason
                     return
             data = None
-            if not closing and stream.state is ConnectionState.LOCAL_CLOSING:
-                # A handler (or close() in this thread) started the closing handshake:
+            if not closing and not stream.writable:
+                # Still here with the stream no longer open: a handler (or close() in
+                # this thread) sent Close, as the client's Close would have returned.
+                # The closing handshake has started:
                 # from now on the wait for the client's Close is bounded by close_timeout.
                 closing = True
                 self._set_read_timeout(options.close_timeout)

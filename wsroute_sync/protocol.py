@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 from wsproto.connection import Connection, ConnectionState
@@ -315,7 +315,7 @@ class MessageStream:
     __slots__ = (
         "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_framed", "_chunk", "_buf",
         "_need", "deferred",
-        "_slow_left", "_fragmented",
+        "_slow_left", "_fragmented", "writable", "_whole_max",
     )
 
     def __init__(
@@ -346,11 +346,20 @@ class MessageStream:
         self._need = 0  # bytes _buf must hold before it is worth parsing again
         self._slow_left = 0  # bytes of the current frame still owed to wsproto
         self._fragmented = False  # a fragmented data message is open inside wsproto
+        #: wsproto's state is OPEN: data messages can still be sent and received. A copy
+        #: refreshed after every call into wsproto (the only place its state changes),
+        #: because reading it through wsproto's property costs two calls per message.
+        self.writable = True
+        # The largest payload receive()'s single-frame check takes (it is inside the
+        # message size limit, and small enough for the integer unmask).
+        self._whole_max = min(
+            _INT_UNMASK_LIMIT, _INT_UNMASK_LIMIT if max_message_size is None else max_message_size
+        )
 
     @property
     def open(self) -> bool:
         """True until either side has started the closing handshake."""
-        return self._ws.state is ConnectionState.OPEN
+        return self.writable
 
     @property
     def state(self) -> ConnectionState:
@@ -374,9 +383,35 @@ class MessageStream:
                 return []  # still inside one frame: no parsing until it is complete
             buf: Union[bytes, bytearray] = self._buf
             self._buf = bytearray()
-        else:
-            buf = data
-        return self._split(buf)
+            return self._split(buf)
+        # The usual read of a request-reply client: exactly one whole, final, masked
+        # text or binary frame. _split() would decode it the same way, one loop later.
+        n = len(data)
+        if (n > 6 and self._fast and self.writable and not self._slow_left
+                and not self._fragmented):
+            b0 = data[0]
+            if b0 == _FIN_TEXT or b0 == _FIN_BINARY:
+                length = data[1] ^ 0x80  # clears the MASK bit, or sets it if it was clear
+                if length < 126:
+                    header = 6
+                elif length == 126 and n > 8:
+                    length = (data[2] << 8) | data[3]
+                    header = 8 if length > 125 else 0  # 0: not minimal, _split decides
+                else:
+                    header = 0
+                if header and n == header + length and length <= self._whole_max:
+                    mask = data[header - 4:header]
+                    payload = (
+                        _from_bytes(data[header:], "little")
+                        ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
+                    ).to_bytes(length, "little")
+                    if b0 == _FIN_BINARY:
+                        return [payload]
+                    try:
+                        return [payload.decode("utf-8")]
+                    except UnicodeDecodeError:
+                        pass  # wsproto reports it (1007), from the same bytes
+        return self._split(data)
 
     def _split(self, buf: Union[bytes, bytearray]) -> List[Outcome]:
         """Walk the frames in ``buf``: decode simple ones here, pass the rest to wsproto."""
@@ -441,7 +476,7 @@ class MessageStream:
                 and b1 & 0x80
                 and minimal
                 and not self._fragmented
-                and ws.state is ConnectionState.OPEN
+                and self.writable
             ):
                 if end - pos < total:
                     if max_size is not None or total <= _UNLIMITED_HOLD:
@@ -509,6 +544,13 @@ class MessageStream:
         ws = self._ws
         if ws.state is ConnectionState.CLOSED:
             return True
+        try:
+            return self._wsproto_events(ws, data, out)
+        finally:
+            self.writable = ws.state is ConnectionState.OPEN
+
+    def _wsproto_events(self, ws: Connection, data: Optional[bytes], out: List[Outcome]
+                        ) -> bool:
         ws.receive_data(data)
         max_size = self._max_size
         for event in ws.events():
@@ -548,9 +590,8 @@ class MessageStream:
             elif kind is CloseConnection:
                 code = event.code  # type: ignore[attr-defined]
                 reason = event.reason or ""  # type: ignore[attr-defined]
-                # Re-read: processing this Close moved wsproto's state (cast: mypy
-                # would keep the narrowing from the check at the top).
-                state = cast(ConnectionState, ws.state)
+                # Re-read: processing this Close moved wsproto's state.
+                state = ws.state
                 if state is ConnectionState.REMOTE_CLOSING:
                     out.append(CloseReceived(code, reason, closed=False))
                 elif state is ConnectionState.CLOSED and data is not None:
@@ -576,7 +617,7 @@ class MessageStream:
 
         Raises wsproto's ``LocalProtocolError`` once closing has started.
         """
-        if self._fast and self._ws.state is ConnectionState.OPEN:
+        if self._fast and self.writable:
             # An unfragmented server frame: FIN, no RSV, no mask (RFC 6455 5.2). This is
             # what wsproto's serialiser writes for it; wsproto keeps no state for it.
             if type(data) is str:
@@ -596,10 +637,10 @@ class MessageStream:
         )
 
     def ping(self, payload: bytes = b"") -> bytes:
-        return self._ws.send(Ping(payload=payload))
+        return self._ws.send(Ping(payload=payload))  # no state change: OPEN only
 
     def pong(self, payload: bytes) -> bytes:
-        return self._ws.send(Pong(payload=payload))
+        return self._ws.send(Pong(payload=payload))  # no state change: OPEN only
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
         """The Close frame to start or answer the closing handshake; ``b""`` if too late."""
@@ -614,3 +655,5 @@ class MessageStream:
             return self._ws.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:  # pragma: no cover - state checked above
             return b""
+        finally:
+            self.writable = self._ws.state is ConnectionState.OPEN
