@@ -1,0 +1,177 @@
+"""Python cost of wsroute_sync's own work, measured in one process without a network.
+
+    python benchmarks/inprocess.py            # every measurement, best of 5 each
+    WSROUTE_SYNC_PURE_WSPROTO=1 python benchmarks/inprocess.py   # wsproto for every frame
+
+What bench.py cannot separate: how much of a round trip or a connection is our Python,
+as opposed to system calls, the GIL and the scheduler. Rows:
+
+* ``receive``, ``dispatch``, ``send``: one 64-byte echo request through
+  ``MessageStream.receive``, the routed ``Dispatcher`` and ``MessageStream.send``;
+* ``serve loop``: ``ServerConnection._serve`` on a fake socket whose ``recv`` returns
+  one request frame and whose ``sendall`` drops the reply: the whole per-message path;
+* ``connection``: one connection's whole server-side life on a real loopback socket,
+  run synchronously (handshake, one request, the closing handshake), minus the same
+  client-side work without a server;
+* ``raw-tcp json``: the JSON work the raw-TCP peer does per request (loads + dumps),
+  for scale.
+
+Numbers are per item, best of five batches. A script with fixed inputs, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wsproto import ConnectionType, WSConnection  # noqa: E402
+from wsproto.events import Request  # noqa: E402
+
+from wsroute_sync import Server  # noqa: E402
+from wsroute_sync.connection import ServerConnection  # noqa: E402
+from wsroute_sync.http import parse_request_head  # noqa: E402
+from wsroute_sync.metrics import ConnectionMetrics  # noqa: E402
+from wsroute_sync.protocol import MessageStream, accept_upgrade  # noqa: E402
+
+KEY = b"\x11\x22\x33\x44"
+REQUEST = json.dumps({"Route": "echo", "Params": {"message": "x" * 64}},
+                     separators=(",", ":")).encode()
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (RFC 6455 5.2), payloads under 126 bytes."""
+    n = len(payload)
+    body = bytes(b ^ KEY[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | n)) + KEY + body
+
+
+FRAME = masked(1, REQUEST)
+CLIENT_HEAD = WSConnection(ConnectionType.CLIENT).send(Request(host="example.com", target="/"))
+
+
+def best_of(fn: Callable[[], Any], n: int, per: int = 1) -> float:
+    """Seconds per item: ``fn`` handles ``per`` items; best of five batches of ``n``."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - start) / (n * per))
+    return best
+
+
+def make_server() -> Server:
+    server = Server(max_connections=100_000)
+
+    @server.route("echo")
+    def echo(ctx: Any, message: bytes) -> bytes:
+        return message
+
+    return server
+
+
+def new_stream() -> MessageStream:
+    _, ws, _, _ = accept_upgrade(parse_request_head(CLIENT_HEAD))
+    return MessageStream(ws, max_message_size=1 << 20)
+
+
+class _Conn:
+    metrics = ConnectionMetrics()
+
+
+class _FakeSocket:
+    """recv() returns the request frame ``n`` times, then end of stream."""
+
+    family = socket.AF_INET
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.sent = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.n:
+            self.n -= 1
+            return FRAME
+        return b""
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += 1
+
+    def settimeout(self, value: Any) -> None:
+        pass
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+
+def serve_loop(server: Server, n: int) -> None:
+    sock = _FakeSocket(n)
+    connection = ServerConnection(server, sock, ("127.0.0.1", 1), "x-1")  # type: ignore[arg-type]
+    connection._stream = new_stream()
+    connection._pending = None  # type: ignore[attr-defined]
+    connection._serve()
+    if sock.sent != n:
+        raise SystemExit(f"serve loop answered {sock.sent} of {n} requests")
+
+
+def connection_costs(server: Server, n: int) -> float:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    head = (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Upgrade: websocket\r\n\r\n" % port
+    )
+    data = head + FRAME + masked(8, (1000).to_bytes(2, "big"))
+    ids = iter(range(10**9))
+
+    def with_server() -> None:
+        client = socket.create_connection(("127.0.0.1", port))
+        sock, addr = listener.accept()
+        client.sendall(data)
+        connection = ServerConnection(server, sock, addr, f"x-{next(ids)}")
+        server._connections[connection.id] = connection
+        server._slots.acquire()
+        connection.run()
+        client.close()
+
+    def without_server() -> None:
+        client = socket.create_connection(("127.0.0.1", port))
+        sock, _ = listener.accept()
+        client.sendall(data)
+        sock.close()
+        client.close()
+
+    try:
+        return best_of(with_server, n) - best_of(without_server, n)
+    finally:
+        listener.close()
+
+
+def main() -> None:
+    server = make_server()
+    handle = server._message_handler
+    stream = new_stream()
+    conn = _Conn()
+    text = REQUEST.decode()
+    rows = [
+        ("receive", best_of(lambda: stream.receive(FRAME), 40_000)),
+        ("dispatch", best_of(lambda: handle(conn, text), 40_000)),  # type: ignore[arg-type]
+        ("send", best_of(lambda: stream.send(text), 40_000)),
+        ("serve loop", best_of(lambda: serve_loop(server, 20_000), 1, per=20_000)),
+        ("connection", connection_costs(server, 2_000)),
+        ("raw-tcp json", best_of(lambda: json.dumps(json.loads(REQUEST)["Params"]), 40_000)),
+    ]
+    print(f"Python {sys.version.split()[0]}, 64-byte echo request, per item:")
+    for name, seconds in rows:
+        print(f"  {name:14s} {seconds * 1e6:8.2f} us")
+
+
+if __name__ == "__main__":
+    main()
