@@ -263,6 +263,11 @@ Outcome = Union[str, bytes, PingReceived, PongReceived, CloseReceived, ProtocolF
 # First header byte of an unfragmented frame with RSV bits clear: FIN | opcode.
 _FIN_TEXT = 0x81
 _FIN_BINARY = 0x82
+_FIN_CLOSE = 0x88
+# The Close codes _peer_close reads itself, as wsproto reports them; and the codes an
+# endpoint may never send (RFC 6455 7.4.1), which wsproto replaces with 1000.
+_SIMPLE_CLOSE_CODES = {1000: CloseReason.NORMAL_CLOSURE, 1001: CloseReason.GOING_AWAY}
+_LOCAL_ONLY_CODES = (1005, 1006, 1015)
 _from_bytes = int.from_bytes
 # Compressed bytes given to wsproto at a time (deflate expands at most ~1032x).
 _INFLATE_CHUNK = 1024
@@ -297,25 +302,33 @@ class MessageStream:
     bytes to write. wsproto objects are not thread-safe, so the caller serialises the
     sending methods (the connection holds a lock); ``receive`` is called by one thread.
 
-    wsproto is the protocol engine: the handshake, control frames, fragmentation,
-    extensions, every error and every close go through it. Its per-frame cost in
-    Python (about ten function calls and several objects per frame) is most of a
-    small message's cost, so one case is recognised here first: a complete, final,
-    masked text or binary frame with RSV bits clear and a minimally encoded length,
-    arriving between messages, with no extension negotiated. Such a frame has exactly
-    one meaning (RFC 6455 5.2, 5.3), which this fast path produces with a few C-level
-    operations; its payload is validated as UTF-8 like wsproto does. Anything else —
-    including a fast-path candidate whose text is not UTF-8 — is handed, byte for byte
-    and at a frame boundary, to wsproto, which then decides. ``tests/test_fastpath.py``
-    checks that both paths give the same results for the same bytes. Replies are framed
-    the same way: an unfragmented, unmasked frame (RFC 6455 5.1: servers do not mask).
+    wsproto is the protocol engine: the handshake, pings and pongs, fragmentation,
+    extensions, every error and every unusual close go through it. Its per-frame cost
+    in Python (about ten function calls and several objects per frame) is most of a
+    small message's cost, so two cases are recognised here first, when no extension
+    was negotiated and no fragmented message is open:
+
+    * a complete, final, masked text or binary frame with RSV bits clear and a
+      minimally encoded length. It has exactly one meaning (RFC 6455 5.2, 5.3), which
+      a few C-level operations produce; text is validated as UTF-8 as wsproto does.
+    * the client's Close while the connection is open, complete, masked, with no
+      status or with 1000 or 1001 and a UTF-8 reason: how nearly every connection
+      ends (RFC 6455 5.5.1). Its answer is written here too, as wsproto writes it;
+      from then on this stream holds the state (``state`` reports REMOTE_CLOSING, then
+      CLOSED) and refuses to send anything else, as wsproto would.
+
+    Anything else — including a candidate whose text is not UTF-8 — is handed, byte
+    for byte and at a frame boundary, to wsproto, which then decides.
+    ``tests/test_fastpath.py`` checks that both paths give the same results, answers
+    and states for the same bytes. Replies are framed the same way: an unfragmented,
+    unmasked frame (RFC 6455 5.1: servers do not mask).
     Set ``WSROUTE_SYNC_PURE_WSPROTO=1`` to send every frame through wsproto.
     """
 
     __slots__ = (
         "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_framed", "_chunk", "_buf",
         "_need", "deferred",
-        "_slow_left", "_fragmented", "writable", "_whole_max",
+        "_slow_left", "_fragmented", "writable", "_whole_max", "_peer_closed", "_answered",
     )
 
     def __init__(
@@ -350,6 +363,10 @@ class MessageStream:
         #: refreshed after every call into wsproto (the only place its state changes),
         #: because reading it through wsproto's property costs two calls per message.
         self.writable = True
+        # The client's Close was read here, not by wsproto (see _peer_close), and whether
+        # it has been answered: from then on this stream, not wsproto, knows the state.
+        self._peer_closed = False
+        self._answered = False
         # The largest payload receive()'s single-frame check takes (it is inside the
         # message size limit, and small enough for the integer unmask).
         self._whole_max = min(
@@ -363,6 +380,8 @@ class MessageStream:
 
     @property
     def state(self) -> ConnectionState:
+        if self._peer_closed:
+            return ConnectionState.CLOSED if self._answered else ConnectionState.REMOTE_CLOSING
         return self._ws.state
 
     @property
@@ -514,6 +533,19 @@ class MessageStream:
                 self._need = 0
                 self.deferred = True
                 return out
+            if (
+                b0 == _FIN_CLOSE
+                and header == 6  # masked, and a length under 126 as control frames have
+                and length != 1
+                and end - pos >= total
+                and self._fast
+                and self.writable
+                and not self._fragmented
+            ):
+                closing = self._peer_close(buf[pos + 2:pos + 6], buf[pos + 6:pos + total])
+                if closing is not None:
+                    out.append(closing)
+                    return out
             if opcode < 3:
                 if opcode != 0:
                     self._fragmented = not (b0 & 0x80)
@@ -525,6 +557,35 @@ class MessageStream:
                 return out
             pos += take
         return out
+
+    def _peer_close(self, mask: Union[bytes, bytearray], masked: Union[bytes, bytearray]
+                    ) -> Optional[CloseReceived]:
+        """The client's Close, if it is one of the common kind; else ``None`` (wsproto's).
+
+        The common kind ends most connections: no status, or 1000 (normal) or 1001
+        (going away) with a UTF-8 reason. Such a frame has one meaning (RFC 6455 5.5.1,
+        7.4.1), which wsproto would reach through its whole frame parser, a third of a
+        short connection's Python time. Other codes, whose validity has more rules
+        (reserved ranges, local-only codes), stay with wsproto.
+        """
+        if masked:
+            n = len(masked)
+            data = (
+                _from_bytes(masked, "little")
+                ^ _from_bytes((mask * ((n + 3) >> 2))[:n], "little")
+            ).to_bytes(n, "little")
+            code = _SIMPLE_CLOSE_CODES.get((data[0] << 8) | data[1])
+            if code is None:
+                return None
+            try:
+                reason = data[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None  # wsproto fails the connection with 1007
+        else:
+            code, reason = CloseReason.NO_STATUS_RCVD, ""
+        self._peer_closed = True
+        self.writable = False
+        return CloseReceived(code, reason, closed=False)
 
     def _feed(self, buf: Union[bytes, bytearray], pos: int, take: int, out: List[Outcome]
               ) -> bool:
@@ -542,7 +603,7 @@ class MessageStream:
     def _wsproto_receive(self, data: Optional[bytes], out: List[Outcome]) -> bool:
         """Let wsproto process ``data``; ``True`` once the stream has ended."""
         ws = self._ws
-        if ws.state is ConnectionState.CLOSED:
+        if self._peer_closed or ws.state is ConnectionState.CLOSED:
             return True
         try:
             return self._wsproto_events(ws, data, out)
@@ -632,25 +693,42 @@ class MessageStream:
             if n < 65536:
                 return bytes((first, 126)) + n.to_bytes(2, "big") + payload
             return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+        if self._peer_closed:
+            raise LocalProtocolError("the peer has closed: no data after its Close")
         return self._ws.send(
             TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         )
 
     def ping(self, payload: bytes = b"") -> bytes:
+        if self._peer_closed:
+            raise LocalProtocolError("the peer has closed: no ping after its Close")
         return self._ws.send(Ping(payload=payload))  # no state change: OPEN only
 
     def pong(self, payload: bytes) -> bytes:
+        if self._peer_closed:
+            raise LocalProtocolError("the peer has closed: no pong after its Close")
         return self._ws.send(Pong(payload=payload))  # no state change: OPEN only
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
         """The Close frame to start or answer the closing handshake; ``b""`` if too late."""
-        state = self._ws.state
+        state = self.state
         if state is not ConnectionState.OPEN and state is not ConnectionState.REMOTE_CLOSING:
             return b""
         # RFC 6455 5.5: control frames carry at most 125 bytes; 2 go to the code.
         encoded = reason.encode("utf-8")
         if len(encoded) > 123:
             reason = encoded[:123].decode("utf-8", "ignore")
+            encoded = reason.encode("utf-8")
+        if self._peer_closed:
+            # The answer to a Close read by _peer_close, as wsproto's serialiser writes
+            # it: no status stays no status, a local-only code becomes 1000.
+            self._answered = True
+            if code is CloseReason.NO_STATUS_RCVD:
+                return b"\x88\x00"
+            if code in _LOCAL_ONLY_CODES:
+                code = CLOSE_NORMAL
+            payload = int(code).to_bytes(2, "big") + encoded
+            return bytes((_FIN_CLOSE, len(payload))) + payload
         try:
             return self._ws.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:  # pragma: no cover - state checked above
