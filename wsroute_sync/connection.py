@@ -146,8 +146,8 @@ class ServerConnection:
         # Kernel timeouts only work on plain sockets; TLS sockets use Python timeouts.
         self._kernel_timeouts = type(sock) is socket.socket
         # The SO_RCVTIMEO in force, so that it is only set when it changes (a socket
-        # accepted from a prepared listener starts with the listener's); _UNKNOWN if not
-        # known yet.
+        # accepted from a prepared listener starts with the listener's), or
+        # UNKNOWN_TIMEOUT: then the handshake sets the socket's options itself.
         self._read_timeout: Optional[float] = server._accepted_read_timeout
         self._logger = server.logger
 
