@@ -389,6 +389,28 @@ def test_register_and_unregister_while_twenty_clients_hammer(server: Server) -> 
     assert all(c > 0 for c in counts)
 
 
+def test_a_handler_that_replaces_routes_finishes_and_the_next_message_sees_them(
+    server: Server,
+) -> None:
+    # Lookups read a published copy of the registry: a change made while a handler
+    # runs must neither disturb that handler nor be missed by the next message.
+    def first(ctx: Any, message: bytes) -> str:
+        server.register("v", lambda c, m: "second")
+        server.register("added", lambda c, m: "added")
+        server.unregister("echo")
+        return "first"
+
+    server.register("v", first)
+    with connect(url(server)) as ws:
+        assert call(ws, '{"Route":"v"}') == "first"
+        assert call(ws, '{"Route":"v"}') == "second"
+        assert call(ws, '{"Route":"added"}') == "added"
+        assert json.loads(call(ws, '{"Route":"echo","Params":1}'))["msg"] == "unknown route: echo"
+    with connect(url(server)) as ws:  # a new connection sees the same routes
+        assert call(ws, '{"Route":"v"}') == "second"
+    assert sorted(server.routes) == ["added", "v"]
+
+
 def test_hundred_clients_two_hundred_messages_each(server: Server) -> None:
     errors: List[str] = []
 

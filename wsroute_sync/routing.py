@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .errors import HandlerError
 from .metrics import LATENCY_BUCKETS
@@ -280,12 +280,11 @@ def resolve_handler(handler: Any) -> Handler:
 class Dispatcher:
     """Route one message to its handler and produce the reply.
 
-    ``lookup(route)`` returns the handler or ``None``, called holding ``lock`` if one is
-    given; ``make_context(route, params, connection, deadline)`` builds the ``ctx``.
-    Handlers run in the caller's thread, never under ``lock``.
+    ``lookup(route)`` returns the handler or ``None``; ``make_context(route, params,
+    connection, deadline)`` builds the ``ctx``. Handlers run in the caller's thread.
     """
 
-    __slots__ = ("_lookup", "_lock", "_make_context", "_logger", "_handler_timeout")
+    __slots__ = ("lookup", "_make_context", "_logger", "_handler_timeout")
 
     def __init__(
         self,
@@ -294,10 +293,12 @@ class Dispatcher:
         *,
         logger: Union[logging.Logger, logging.LoggerAdapter],  # type: ignore[type-arg]
         handler_timeout: Optional[float],
-        lock: Optional[ContextManager[Any]] = None,
     ) -> None:
-        self._lookup = lookup
-        self._lock = lock
+        #: Called for every message, from every connection thread, without a lock: it
+        #: must be safe to call concurrently, like the ``get`` of a dict that nobody
+        #: changes. To change the routes, assign a new lookup (the server assigns the
+        #: ``get`` of a fresh copy of its registry after every change).
+        self.lookup = lookup
         self._make_context = make_context
         self._logger = logger
         self._handler_timeout = handler_timeout
@@ -321,12 +322,7 @@ class Dispatcher:
         except EnvelopeError as exc:
             kind = "invalid_json" if exc.msg.startswith("invalid JSON") else "invalid_request"
             return self._error(connection, kind, exc.msg, text)
-        lock = self._lock
-        if lock is None:
-            handler = self._lookup(route)
-        else:
-            with lock:
-                handler = self._lookup(route)
+        handler = self.lookup(route)
         if handler is None:
             return self._error(connection, "unknown_route", f"unknown route: {_quote_route(route)}",
                                text)

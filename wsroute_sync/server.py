@@ -4,6 +4,12 @@ The shape follows the Go original: a blocking listener; each accepted connection
 slot of a bounded semaphore (without waiting; over the limit the client gets HTTP 503
 before any upgrade) and gets its own thread, which releases the slot in its ``finally``
 beside the socket close; handlers live in a dict guarded by a ``threading.Lock``.
+
+Connection threads do not take that lock for each message: every change to the dict,
+made under the lock, also publishes a fresh copy of it, and lookups read the copy
+published last. With hundreds of threads, a lock taken per message is where they
+queue: a thread that loses the GIL while holding it stalls every other one that
+needs it.
 """
 
 from __future__ import annotations
@@ -273,9 +279,9 @@ class Server:
         self._handlers: Dict[str, Handler] = {}
         self._http_handlers: Dict[str, HTTPHandler] = {}
         self._handlers_lock = threading.Lock()
+        no_routes: Dict[str, Handler] = {}
         self._dispatcher = Dispatcher(
-            self._handlers.get, Context, logger=self.logger, handler_timeout=handler_timeout,
-            lock=self._handlers_lock,
+            no_routes.get, Context, logger=self.logger, handler_timeout=handler_timeout
         )
         self._message_handler: MessageHandler = (
             message_handler if message_handler is not None else self._dispatcher.dispatch
@@ -323,13 +329,21 @@ class Server:
         with self._handlers_lock:
             replaced = route in self._handlers
             self._handlers[route] = resolved
+            self._publish_routes()
         self.logger.debug("route %r %s", route, "replaced" if replaced else "registered")
 
     def unregister(self, route: str) -> None:
         """Remove ``route``; raises ``KeyError`` if it is not registered."""
         with self._handlers_lock:
             del self._handlers[route]
+            self._publish_routes()
         self.logger.debug("route %r unregistered", route)
+
+    def _publish_routes(self) -> None:
+        # Called with _handlers_lock held. The dispatcher looks routes up, without the
+        # lock, in a copy that is never changed afterwards; replacing its lookup is one
+        # attribute store, so a message sees either the old routes or the new ones.
+        self._dispatcher.lookup = dict(self._handlers).get
 
     def route(self, route: str) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`: ``@server.route("echo")``."""
@@ -358,10 +372,6 @@ class Server:
         """The registered route names."""
         with self._handlers_lock:
             return list(self._handlers)
-
-    def _lookup(self, route: str) -> Optional[Handler]:
-        with self._handlers_lock:
-            return self._handlers.get(route)
 
     # Connections.
 
