@@ -86,7 +86,7 @@ class _Conn:
 
 
 class _FakeSocket:
-    """recv() returns the request frame ``n`` times, then end of stream."""
+    """recv() and recv_into() return the request frame ``n`` times, then end of stream."""
 
     family = socket.AF_INET
 
@@ -99,6 +99,11 @@ class _FakeSocket:
             self.n -= 1
             return FRAME
         return b""
+
+    def recv_into(self, buffer: bytearray) -> int:
+        data = self.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def sendall(self, data: bytes) -> None:
         self.sent += 1

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed as WSClosed
 from websockets.sync.client import connect
 
 from conftest import TIMEOUT, ListHandler, make_server, running
-from rawclient import OP_BINARY, OP_TEXT, RawClient, handshake_request
+from rawclient import OP_BINARY, OP_TEXT, RawClient, encode_frame, handshake_request
 from wsroute_sync import HandlerError, Server, error_envelope
 
 
@@ -42,6 +42,29 @@ def test_echo_round_trip(server: Server) -> None:
 def test_binary_request_gets_binary_reply(server: Server) -> None:
     with connect(url(server)) as ws:
         assert call(ws, b'{"Route":"echo","Params":[1,"\xc3\xa9"]}') == b'[1,"\xc3\xa9"]'
+
+
+def test_messages_of_every_size_across_read_boundaries(server: Server) -> None:
+    # Reads go into a 2 KiB buffer, grow while they come back full, and shrink again:
+    # frames that end exactly at, straddle, or dwarf a read must all arrive whole.
+    prefix = b'{"Route":"echo","Params":'
+
+    def request(size: int) -> bytes:  # an envelope of exactly ``size`` bytes
+        return prefix + b'"' + b"x" * (size - len(prefix) - 3) + b'"}'
+
+    def reply(envelope: bytes) -> str:
+        return envelope[len(prefix):-1].decode()
+
+    with RawClient.connect(server.address) as client:
+        # Frame sizes (header 8 bytes from 126 on): 2048 exactly, one more, one less...
+        for size in (2040, 2041, 2039, 2048, 300_000, 40, 4096, 2040):
+            client.send_frame(OP_TEXT, request(size))
+            assert client.recv_text() == reply(request(size)), size
+        # Many frames in one write: the first read ends inside a frame.
+        batch = [request(100 + i) for i in range(60)]
+        client.send_raw(b"".join(encode_frame(OP_TEXT, r) for r in batch))
+        for envelope in batch:
+            assert client.recv_text() == reply(envelope)
 
 
 def test_interop_with_websocket_client(server: Server) -> None:

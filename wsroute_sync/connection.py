@@ -53,6 +53,8 @@ __all__ = ["ServerConnection", "UNKNOWN_TIMEOUT", "prepare_listener"]
 # holds its read size in memory for as long as it waits. Reads start small (a JSON
 # request fits in a few hundred bytes) and grow while they come back full, so that a
 # large message still arrives in few system calls; the next short read shrinks them.
+# Small reads go into one buffer kept for the connection's life (recv_into): the same
+# memory an idle recv() would hold, without a malloc and a realloc for every message.
 _RECV_SMALL = 2048
 _RECV_LARGE = 262144
 # The request head is read in small pieces too: a slow client must not pin much memory.
@@ -544,6 +546,9 @@ class ServerConnection:
         send = self._send
         metrics = self.metrics
         recv = sock.recv
+        recv_into = sock.recv_into
+        small = bytearray(_RECV_SMALL)
+        small_view = memoryview(small)
         awaiting_pong = False
         closing = False  # we sent Close and wait for the client's (close_timeout applies)
         data: Optional[bytes] = self._pending
@@ -554,7 +559,10 @@ class ServerConnection:
                 data = b""  # the rest of the last read, held back behind earlier replies
             if data is None:
                 try:
-                    data = recv(size)
+                    if size == _RECV_SMALL:
+                        data = small_view[:recv_into(small)].tobytes()
+                    else:
+                        data = recv(size)
                 except _TIMEOUT_ERRORS:
                     if stream.state is ConnectionState.LOCAL_CLOSING or closing:
                         logger.info("connection %s: no Close answer in time, dropping", self.id)
