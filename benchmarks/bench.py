@@ -75,6 +75,8 @@ class ServerSpec:
     label: str  # how tables name it
     proto: str  # loadgen -proto
     note: str
+    #: Run unless --servers names others; references outside the peer list are not.
+    default: bool = True
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -91,6 +93,11 @@ SERVERS: tuple[ServerSpec, ...] = (
         "websocket-server", "websocket-server", "ws", "PyPI websocket-server (socketserver)"
     ),
     ServerSpec("raw-tcp", "raw-tcp", "tcp", "newline-delimited JSON, no WebSocket"),
+    ServerSpec(
+        "minimal-ws", "minimal-ws", "ws",
+        "reference: raw-tcp's loop with just enough WebSocket for the load generator",
+        default=False,
+    ),
 )
 OURS = "wsroute-sync"
 
@@ -924,8 +931,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--servers",
-        default=",".join(s.key for s in SERVERS),
-        help="comma list of " + ", ".join(s.key for s in SERVERS),
+        default=",".join(s.key for s in SERVERS if s.default),
+        help="comma list of " + ", ".join(s.key for s in SERVERS)
+        + " (minimal-ws only when named)",
     )
     p.add_argument(
         "--scenarios",
