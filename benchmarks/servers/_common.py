@@ -15,9 +15,12 @@ import resource
 import signal
 import socket
 import sys
+import threading
 from typing import Any, Callable
 
-__all__ = ["BACKLOG", "dispatch", "free_port", "parse_args", "prepare_process", "ready"]
+__all__ = [
+    "BACKLOG", "dispatch", "free_port", "parse_args", "prepare_process", "ready", "serve_threads",
+]
 
 #: One listen() backlog for every server we configure. The peers' defaults
 #: differ (socketserver uses 5, socket.create_server 128); 10,000 connections
@@ -84,3 +87,21 @@ def ready(port: int) -> None:
     """Print the line bench.py waits for; flushed because stdout is a pipe."""
     print(f"READY port={port}", flush=True)
     sys.stdout.flush()
+
+
+def serve_threads(description: str, handle: Callable[[socket.socket], None]) -> None:
+    """The hand-written peers' server: ``--port``, listen, a daemon thread per connection.
+
+    ``TCP_NODELAY`` on every accepted socket: replies are single writes, but Nagle would
+    hold the last segment of a 64 KiB reply until the client's delayed ACK (websockets
+    sets it itself; Werkzeug and Gunicorn do not, which matters only for that scenario).
+    Daemon threads: SIGTERM ends the process at once, which is all a peer needs.
+    """
+    args = parse_args(description)
+    prepare_process()
+    listener = socket.create_server(("127.0.0.1", args.port), backlog=BACKLOG)
+    ready(listener.getsockname()[1])
+    while True:
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=handle, args=(sock,), daemon=True).start()

@@ -15,9 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
-import threading
 
-from _common import BACKLOG, dispatch, parse_args, prepare_process, ready
+from _common import dispatch, serve_threads
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 
@@ -90,15 +89,7 @@ def handle(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
-    prepare_process()
-    listener = socket.create_server(("127.0.0.1", args.port), backlog=BACKLOG)
-    ready(listener.getsockname()[1])
-    while True:
-        sock, _ = listener.accept()
-        # As raw-tcp.py: no Nagle delay on the last segment of a large reply.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=handle, args=(sock,), daemon=True).start()
+    serve_threads(__doc__ or "", handle)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ thread per connection, next to the handler thread started here.
 from __future__ import annotations
 
 import socket
-import threading
 from typing import Any
 
 import simple_websocket  # type: ignore[import-untyped]  # no stubs
-from _common import BACKLOG, dispatch, parse_args, prepare_process, ready
+from _common import dispatch, serve_threads
 
 #: Upper bound on the upgrade request's size; a normal one is ~250 bytes.
 MAX_REQUEST_HEAD = 16 * 1024
@@ -65,16 +64,7 @@ def handle(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
-    prepare_process()
-    listener = socket.create_server(("127.0.0.1", args.port), backlog=BACKLOG)
-    ready(listener.getsockname()[1])
-    while True:
-        sock, _ = listener.accept()
-        # Werkzeug and Gunicorn don't set TCP_NODELAY either, but our other
-        # hand-written peers do; Nagle would stall the tail of 64 KiB replies.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=handle, args=(sock,), daemon=True).start()
+    serve_threads(__doc__ or "", handle)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import threading
 from importlib import import_module
 from pathlib import Path
 
-from _common import free_port, parse_args, prepare_process, ready
+from _common import free_port, parse_args, prepare_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
