@@ -933,7 +933,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--servers",
         default=",".join(s.key for s in SERVERS if s.default),
         help="comma list of " + ", ".join(s.key for s in SERVERS)
-        + " (minimal-ws only when named)",
+        + " (only when named: " + ", ".join(s.key for s in SERVERS if not s.default) + ")",
     )
     p.add_argument(
         "--scenarios",
