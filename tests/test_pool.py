@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import sys
@@ -14,7 +15,7 @@ from websockets.sync.client import connect
 
 from conftest import TIMEOUT, ListHandler, _wait_for, make_server, running
 from wsroute_sync import Server
-from wsroute_sync.pool import ThreadPool
+from wsroute_sync.pool import ThreadPool, set_thread_policy
 
 
 def url(server: Server) -> str:
@@ -185,3 +186,79 @@ def test_accepted_sockets_start_with_the_listeners_timeouts() -> None:
     # Nagle off, writes bounded by write_timeout, and after the handshake reads wait
     # forever (ping_interval=None), not the handshake's 3.5 s.
     assert options == [(1, (0, 0), (2, 0))]
+
+
+needs_sched_batch = pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH") or not hasattr(os, "sched_getscheduler"),
+    reason="SCHED_BATCH is Linux's",
+)
+
+
+def _policy_in_pool(pool: ThreadPool) -> int:
+    seen: List[int] = []
+    done = threading.Event()
+    pool.submit(lambda: (seen.append(os.sched_getscheduler(0)), done.set()), "policy")
+    assert done.wait(TIMEOUT)
+    return seen[0]
+
+
+@needs_sched_batch
+def test_batch_policy_applies_to_the_pools_threads_only() -> None:
+    mine = os.sched_getscheduler(0)
+    batch_pool = ThreadPool(thread_policy="batch")
+    plain_pool = ThreadPool()
+    try:
+        assert _policy_in_pool(batch_pool) == os.SCHED_BATCH
+        # A reused thread keeps it; it was set once, when the thread started.
+        assert _wait_for(lambda: batch_pool.idle == 1)
+        assert _policy_in_pool(batch_pool) == os.SCHED_BATCH
+        assert batch_pool.threads == 1
+        assert _policy_in_pool(plain_pool) == mine  # None: born with the caller's
+    finally:
+        assert batch_pool.close(TIMEOUT) and plain_pool.close(TIMEOUT)
+    assert os.sched_getscheduler(0) == mine  # the submitting thread is left alone
+
+
+def test_a_refused_or_missing_policy_leaves_the_thread_working(monkeypatch: Any) -> None:
+    def refuse(*args: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse, raising=False)
+    assert set_thread_policy("batch") is False
+    pool = ThreadPool(thread_policy="batch")
+    done = threading.Event()
+    pool.submit(done.set, "refused")
+    assert done.wait(TIMEOUT)  # the job ran all the same
+    assert pool.close(TIMEOUT)
+    monkeypatch.delattr(os, "sched_setscheduler")
+    assert set_thread_policy("batch") is False
+    assert set_thread_policy(None) is False
+
+
+def test_unknown_thread_policies_are_refused() -> None:
+    with pytest.raises(ValueError, match="thread_policy"):
+        ThreadPool(thread_policy="fifo")
+    with pytest.raises(ValueError, match="thread_policy"):
+        set_thread_policy("idle")
+    with pytest.raises(ValueError, match="thread_policy"):
+        Server(thread_policy="realtime")
+
+
+@needs_sched_batch
+@pytest.mark.parametrize("policy", ["batch", None])
+def test_connection_threads_follow_the_servers_thread_policy(policy: Any) -> None:
+    server = Server(handler_timeout=None, thread_policy=policy)
+
+    @server.route("policy")
+    def which(ctx: Any, message: bytes) -> Any:
+        return {"policy": os.sched_getscheduler(0)}
+
+    import json
+
+    mine = os.sched_getscheduler(0)
+    with running(server) as srv:
+        with connect(url(srv)) as ws:
+            ws.send('{"Route":"policy"}')
+            got = json.loads(ws.recv(timeout=TIMEOUT))["policy"]
+    assert got == (os.SCHED_BATCH if policy == "batch" else mine)
+    assert os.sched_getscheduler(0) == mine

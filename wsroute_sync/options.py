@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 from .backplane import Backplane
+from .pool import THREAD_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from .http import HTTPRequest
@@ -86,6 +87,8 @@ class ServerOptions:
     metrics_path: Optional[str] = "/metrics"
     # Scale-out
     backplane: Optional[Backplane] = None
+    # Threads
+    thread_policy: Optional[str] = "batch"
     # Logging
     logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None  # type: ignore[type-arg]
 
@@ -134,6 +137,8 @@ class ServerOptions:
         if self.backplane is not None and not isinstance(self.backplane, Backplane):
             raise TypeError("backplane must be a wsroute_sync.Backplane (e.g. RedisBackplane) "
                             "or None")
+        if self.thread_policy is not None and self.thread_policy not in THREAD_POLICIES:
+            raise ValueError(f"thread_policy must be 'batch' or None, got {self.thread_policy!r}")
         if self.logger is not None and not isinstance(
             self.logger, (logging.Logger, logging.LoggerAdapter)
         ):
