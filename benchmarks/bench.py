@@ -98,6 +98,11 @@ SERVERS: tuple[ServerSpec, ...] = (
         "reference: raw-tcp's loop with just enough WebSocket for the load generator",
         default=False,
     ),
+    ServerSpec(
+        "raw-tcp-batch", "raw-tcp-batch", "tcp",
+        "reference: raw-tcp with its connection threads under SCHED_BATCH, as ours are",
+        default=False,
+    ),
 )
 OURS = "wsroute-sync"
 
