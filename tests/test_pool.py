@@ -244,8 +244,16 @@ def test_unknown_thread_policies_are_refused() -> None:
         Server(thread_policy="realtime")
 
 
+def test_the_default_policy_is_auto_and_means_batch_in_one_process() -> None:
+    server = Server()
+    assert server.options.thread_policy == "auto"
+    assert server._pool.thread_policy == "batch"
+    assert Server(thread_policy="batch")._pool.thread_policy == "batch"
+    assert Server(thread_policy=None)._pool.thread_policy is None
+
+
 @needs_sched_batch
-@pytest.mark.parametrize("policy", ["batch", None])
+@pytest.mark.parametrize("policy", ["auto", "batch", None])
 def test_connection_threads_follow_the_servers_thread_policy(policy: Any) -> None:
     server = Server(handler_timeout=None, thread_policy=policy)
 
@@ -260,5 +268,5 @@ def test_connection_threads_follow_the_servers_thread_policy(policy: Any) -> Non
         with connect(url(srv)) as ws:
             ws.send('{"Route":"policy"}')
             got = json.loads(ws.recv(timeout=TIMEOUT))["policy"]
-    assert got == (os.SCHED_BATCH if policy == "batch" else mine)
+    assert got == (mine if policy is None else os.SCHED_BATCH)
     assert os.sched_getscheduler(0) == mine

@@ -482,11 +482,13 @@ APP = '''\
 import os, sys, threading
 from wsroute_sync import Server
 
-server = Server(handler_timeout=None, max_connections=int(os.environ.get("MAXCONN", "1000")))
+server = Server(handler_timeout=None, max_connections=int(os.environ.get("MAXCONN", "1000")),
+                thread_policy=os.environ.get("THREAD_POLICY", "auto"))
 
 @server.route("pid")
 def pid(ctx, message):
-    return {"pid": os.getpid()}
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    return {"pid": os.getpid(), "policy": policy}
 '''
 
 SCRIPT = '''\
@@ -604,6 +606,10 @@ def test_two_workers_serve_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
                 break
         assert len(pids) == 2 and process.pid not in pids
         assert sorted(children_of(process.pid)) == sorted(pids)
+        if hasattr(os, "SCHED_BATCH"):
+            # thread_policy="auto" leaves worker processes' connection threads alone.
+            with Client.connect(url, timeout=TIMEOUT) as client:
+                assert client.call_json("pid")["policy"] == os.SCHED_OTHER
 
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
@@ -628,7 +634,8 @@ def test_two_workers_serve_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
 def test_max_connections_is_per_worker_and_close_stops_every_worker(tmp_path: Path) -> None:
-    with supervisor(tmp_path, ["script.py"], env={"MAXCONN": "1"}) as (process, url):
+    env = {"MAXCONN": "1", "THREAD_POLICY": "batch"}
+    with supervisor(tmp_path, ["script.py"], env=env) as (process, url):
         held: Dict[int, Client] = {}
         try:
             for _ in range(40):
@@ -637,7 +644,10 @@ def test_max_connections_is_per_worker_and_close_stops_every_worker(tmp_path: Pa
                 except HandshakeRejected as exc:
                     assert exc.status == 503  # this worker is full
                     continue
-                held[int(client.call_json("pid")["pid"])] = client
+                answer = client.call_json("pid")
+                held[int(answer["pid"])] = client
+                if hasattr(os, "SCHED_BATCH"):  # asked for explicitly, workers use it too
+                    assert answer["policy"] == os.SCHED_BATCH
                 if len(held) == 2:
                     break
             # One connection in each worker: max_connections=1 applies to each.

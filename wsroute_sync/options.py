@@ -88,7 +88,7 @@ class ServerOptions:
     # Scale-out
     backplane: Optional[Backplane] = None
     # Threads
-    thread_policy: Optional[str] = "batch"
+    thread_policy: Optional[str] = "auto"
     # Logging
     logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None  # type: ignore[type-arg]
 
@@ -137,8 +137,10 @@ class ServerOptions:
         if self.backplane is not None and not isinstance(self.backplane, Backplane):
             raise TypeError("backplane must be a wsroute_sync.Backplane (e.g. RedisBackplane) "
                             "or None")
-        if self.thread_policy is not None and self.thread_policy not in THREAD_POLICIES:
-            raise ValueError(f"thread_policy must be 'batch' or None, got {self.thread_policy!r}")
+        if self.thread_policy is not None and self.thread_policy not in ("auto", *THREAD_POLICIES):
+            raise ValueError(
+                f"thread_policy must be 'auto', 'batch' or None, got {self.thread_policy!r}"
+            )
         if self.logger is not None and not isinstance(
             self.logger, (logging.Logger, logging.LoggerAdapter)
         ):

@@ -14,15 +14,15 @@ Threads are non-daemon and registered under the pool's lock before they start, s
 :meth:`ThreadPool.close` can join every one of them.
 
 On Linux the pool's threads can run under the ``SCHED_BATCH`` scheduling policy
-(``thread_policy="batch"``, the server's default). With hundreds of busy connections
-nearly every thread is waiting for the GIL, and each of those waits wakes up every
-switch interval (5 ms) to check on it. Under the normal policy such a wake-up may
-preempt whichever thread runs on that core, and when that is the thread holding the
-GIL, every thread waits for it to be scheduled again: throughput falls by a third and
-stays there. Batch threads never preempt on wake-up; they are otherwise scheduled like
-any other thread of nice 0, and need no privilege. Threads a batch thread starts
-inherit the policy (``os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))``
-puts one back).
+(``thread_policy="batch"``; the server's default outside worker processes). With
+hundreds of busy connections nearly every thread is waiting for the GIL, and each of
+those waits wakes up every switch interval (5 ms) to check on it. Under the normal
+policy such a wake-up may preempt whichever thread runs on that core, and when that is
+the thread holding the GIL, every thread waits for it to be scheduled again: throughput
+falls by a third and stays there. Batch threads never preempt on wake-up; they are
+otherwise scheduled like any other thread of nice 0, and need no privilege. Threads a
+batch thread starts inherit the policy (``os.sched_setscheduler(0, os.SCHED_OTHER,
+os.sched_param(0))`` puts one back).
 """
 
 from __future__ import annotations

@@ -210,11 +210,12 @@ class Server:
             clients of every instance that shares it; default: this process only.
 
     Threads:
-        thread_policy: ``"batch"`` (default) runs connection threads under Linux's
-            ``SCHED_BATCH`` policy, so that hundreds of threads waking up to wait for
-            the GIL do not preempt the one holding it (a third more throughput at 500
-            busy connections); ``None`` leaves them under the policy they inherit.
-            Elsewhere, or where the system refuses, it changes nothing.
+        thread_policy: ``"batch"`` runs connection threads under Linux's ``SCHED_BATCH``
+            policy, so that hundreds of threads waking up to wait for the GIL do not
+            preempt the one holding it; ``None`` leaves them under the policy they
+            inherit. ``"auto"`` (default): ``"batch"`` in a single server process,
+            ``None`` in the worker processes of ``serve(workers=N)``, where it measured
+            slower. Elsewhere, or where the system refuses, batch changes nothing.
 
     Others:
         message_handler: ``message_handler(connection, message) -> reply`` replaces JSON
@@ -250,7 +251,7 @@ class Server:
         # Scale-out
         backplane: Optional[Backplane] = None,
         # Threads
-        thread_policy: Optional[str] = "batch",
+        thread_policy: Optional[str] = "auto",
         # Others
         message_handler: Optional[MessageHandler] = None,
         logger: Union[logging.Logger, logging.LoggerAdapter, None] = None,  # type: ignore[type-arg]
@@ -317,7 +318,8 @@ class Server:
         self._reaper = _Reaper("wsroute_sync-reaper")
         self._pool = ThreadPool(
             max_idle=min(_MAX_IDLE_THREADS, max_connections), idle_timeout=_IDLE_THREAD_SECONDS,
-            thread_policy=self.options.thread_policy,
+            # "auto" is "batch" here; a worker process sets its pool back (workers.py).
+            thread_policy=None if self.options.thread_policy is None else "batch",
         )
         # SO_RCVTIMEO that accepted sockets inherit from the listener (prepare_listener).
         self._accepted_read_timeout: Optional[float] = UNKNOWN_TIMEOUT

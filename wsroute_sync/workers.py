@@ -438,6 +438,12 @@ class Supervisor:
         os.close(self._ready_r)
         os.close(self._death_w)
         server._supervisor = None
+        # thread_policy="auto": no SCHED_BATCH in workers. Worker processes keep every core
+        # busy, and there a thread handed the GIL must be able to preempt to run soon:
+        # two workers on two cores with batch measured 72-78k round trips/s at 50
+        # connections against 84-103k without (benchmarks/README.md).
+        if server.options.thread_policy == "auto":
+            server._pool.thread_policy = None
         # Connection ids (and the backplane's instance id) must differ between workers.
         server._id_prefix = secrets.token_hex(4) + "-"
         try:
