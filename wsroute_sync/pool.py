@@ -40,17 +40,21 @@ Job = Callable[[], None]
 THREAD_POLICIES = ("batch",)
 
 
+def _check_policy(policy: Optional[str]) -> None:
+    if policy is not None and policy not in THREAD_POLICIES:
+        raise ValueError(f"thread_policy must be one of {THREAD_POLICIES} or None, "
+                         f"got {policy!r}")
+
+
 def set_thread_policy(policy: Optional[str]) -> bool:
     """Give the calling thread the scheduling policy ``policy`` (see the module's notes).
 
-    Returns ``False`` where the system has no such policy or refuses it (a sandbox may
-    forbid ``sched_setscheduler``): the thread then simply keeps the one it has.
+    Returns ``False`` for ``None``, and where the system has no such policy or refuses it
+    (a sandbox may forbid ``sched_setscheduler``): the thread then keeps the one it has.
     """
+    _check_policy(policy)
     if policy is None:
         return False
-    if policy not in THREAD_POLICIES:
-        raise ValueError(f"thread_policy must be one of {THREAD_POLICIES} or None, "
-                         f"got {policy!r}")
     setscheduler = getattr(os, "sched_setscheduler", None)
     batch = getattr(os, "SCHED_BATCH", None)
     if setscheduler is None or batch is None:
@@ -79,8 +83,7 @@ class _Worker:
     def _run(self) -> None:
         pool = self.pool
         try:
-            if pool.thread_policy is not None:
-                set_thread_policy(pool.thread_policy)
+            set_thread_policy(pool.thread_policy)
             while True:
                 job = self.job
                 if job is None:
@@ -114,9 +117,7 @@ class ThreadPool:
             raise ValueError("max_idle must be >= 0")
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
-        if thread_policy is not None and thread_policy not in THREAD_POLICIES:
-            raise ValueError(f"thread_policy must be one of {THREAD_POLICIES} or None, "
-                             f"got {thread_policy!r}")
+        _check_policy(thread_policy)
         #: The scheduling policy each thread sets for itself when it starts.
         self.thread_policy = thread_policy
         self.max_idle = max_idle
