@@ -164,28 +164,29 @@ def test_a_thread_that_cannot_start_refuses_only_that_client(monkeypatch: Any) -
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux inheritance")
-def test_accepted_sockets_start_with_the_listeners_timeouts() -> None:
-    server = make_server(handshake_timeout=3.5, write_timeout=2.0, ping_interval=None)
+def test_accepted_sockets_start_with_the_listeners_options() -> None:
+    """Nagle off, and reads waiting for keepalive's interval (which the listener gave
+    them, so that the connection thread sets nothing), not the handshake timeout."""
+    server = make_server(handshake_timeout=2.0, ping_interval=3.5)
     options: List[Any] = []
 
     @server.route("opts")
     def opts(ctx: Any, message: bytes) -> Any:
-        sock = ctx.connection._sock
-        options.append((
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
-            struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)),
-            struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)),
-        ))
+        sock = socket.socket(fileno=os.dup(ctx.connection.fileno()))
+        try:
+            options.append((
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)),
+            ))
+        finally:
+            sock.close()
         return "ok"
 
     with running(server) as srv:
-        assert srv._accepted_read_timeout == 3.5
         with connect(url(srv)) as ws:
             ws.send('{"Route":"opts"}')
             assert ws.recv(timeout=TIMEOUT) == "ok"
-    # Nagle off, writes bounded by write_timeout, and after the handshake reads wait
-    # forever (ping_interval=None), not the handshake's 3.5 s.
-    assert options == [(1, (0, 0), (2, 0))]
+    assert options == [(1, (3, 500000))]
 
 
 needs_sched_batch = pytest.mark.skipif(

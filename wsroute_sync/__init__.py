@@ -25,7 +25,8 @@ from .errors import (
     WSRouteError,
 )
 from .http import Headers, HTTPRequest
-from .options import ServerOptions, new_server, with_logger, with_max_connections, with_option
+from .functional import new_server, with_logger, with_max_connections, with_option
+from .options import ServerOptions
 from .routing import error_envelope
 from .server import Server
 

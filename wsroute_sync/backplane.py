@@ -135,8 +135,9 @@ class Backplane(abc.ABC):
         """True while messages can be published and received."""
         return True
 
-    def _attach(self, server: Any) -> None:
-        """Called by ``Server(backplane=...)``: a backplane serves one server."""
+    def attach(self, server: Any) -> None:
+        """Called by ``Server(backplane=...)``: a backplane serves one server (a second
+        server gets ``ValueError``)."""
         if self._owner is not None and self._owner is not server:
             raise ValueError("this backplane already belongs to another Server; make one each")
         self._owner = server

@@ -1,53 +1,71 @@
-"""One client connection, served by one thread: handshake, then read → dispatch → write.
+"""One client connection and the thread that serves it: upgrade, then read → dispatch → write.
 
-All socket and timing work of a connection lives here; protocol decisions are made by
-the sans-I/O :mod:`wsroute_sync.protocol`. There is no keepalive or reader thread per
-connection: the read timeouts that drive keepalive and the closing handshake are kernel
-socket options (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a blocking socket, so a message costs
-one ``recv`` and one ``send`` system call, and an idle connection costs no wake-ups.
+This module is the only code that touches a connection's socket, its locks, its queue of
+frames and its close state; everyone else (fan-out, the server, the backplane) uses the
+public methods of :class:`ServerConnection`. Protocol decisions are made by the sans-I/O
+:mod:`wsroute_sync.handshake` and :mod:`wsroute_sync.protocol`.
+
+Writes. Any thread may write to a connection at any moment (the connection's own thread
+with its replies, a handler's ``ctx.send``, a broadcast, ``close()``), so:
+
+* frames are encoded under ``_lock`` and go, in that order, either straight to the socket
+  (by the thread holding ``_writer`` when nothing is queued) or into ``_out``, a queue
+  that whoever holds ``_writer`` drains. ``_lock`` is never held across a system call
+  that can wait; ``_writer`` is held for the whole of one write.
+* every write is non-blocking (``MSG_DONTWAIT`` on plain sockets; TLS sockets are
+  non-blocking) and waits in ``poll`` for the time its caller allows, so a write is
+  bounded the same way on plain and TLS sockets, and no send flag ever reaches an
+  ``SSLSocket``. Reads of a plain socket block in ``recv`` under the kernel's
+  ``SO_RCVTIMEO`` (one system call per message); TLS reads wait in ``poll`` too, and a
+  lock keeps OpenSSL from being entered by two threads at once.
+* once our Close is queued (or the client's Close is read, or a write failed), no data
+  frame is encoded any more (RFC 6455 5.5.1), and ``closed`` is set.
 """
 
 from __future__ import annotations
 
+import collections
+import enum
+import select
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Union
+from typing import Any, Deque, Dict, FrozenSet, Optional, Protocol, Tuple, Union
 
 from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
 from .errors import ConnectionClosed, HandshakeRejected
+from .http import HTTPRequest, http_response
+from .listen import timeval
 from .metrics import ConnectionMetrics
-from .http import (
-    BadRequest,
-    HTTPRequest,
-    check_request_start,
-    find_head_end,
-    http_response,
-    parse_request_head,
-)
+from .limits import TokenBucket
+from .routing import as_message, error_envelope
+from .options import ServerOptions
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
-    CloseReceived,
-    MessageStream,
-    PingReceived,
-    PongReceived,
-    ProtocolFailure,
     accept_upgrade,
     check_upgrade,
     is_upgrade_request,
     rejection_response,
+    CloseReceived,
+    Message,
+    MessageStream,
+    PingReceived,
+    PongReceived,
+    PreparedMessage,
+    ProtocolFailure,
 )
-from .routing import encode_result
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
-
-__all__ = ["ServerConnection", "UNKNOWN_TIMEOUT", "prepare_listener"]
+__all__ = [
+    "ConnectionOwner",
+    "Progress",
+    "ServerConnection",
+    "UNKNOWN_TIMEOUT",
+    "answer_and_close",
+]
 
 # CPython allocates the whole buffer of a recv() before it blocks, so an idle connection
 # holds its read size in memory for as long as it waits. Reads start small (a JSON
@@ -57,52 +75,94 @@ __all__ = ["ServerConnection", "UNKNOWN_TIMEOUT", "prepare_listener"]
 # memory an idle recv() would hold, without a malloc and a realloc for every message.
 _RECV_SMALL = 2048
 _RECV_LARGE = 262144
-# The request head is read in small pieces too: a slow client must not pin much memory.
-_HEAD_READ = 4096
-# How long a refused client gets to read our answer before the socket is closed.
-_LINGER_SECONDS = 1.0
+# How long a refused or plain-HTTP client gets to read our answer before the socket is
+# closed, and how much of what it still sends is read meanwhile.
+_ANSWER_LINGER_SECONDS = 1.0
+_ANSWER_DRAIN_BYTES = 1 << 20
+# write_timeout None: writes wait as long as they must.
+_FOREVER = None
 
 _TIMEOUT_ERRORS = (BlockingIOError, socket.timeout)
-#: ``ServerConnection._read_timeout`` before the socket's SO_RCVTIMEO is known.
+#: The ``inherited_read_timeout`` of a socket whose SO_RCVTIMEO is not known.
 UNKNOWN_TIMEOUT = -1.0
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
 
 
-def _timeval(seconds: Optional[float]) -> bytes:
-    # SO_RCVTIMEO/SO_SNDTIMEO take a struct timeval; zero means "block forever".
-    if seconds is None:
-        return struct.pack("ll", 0, 0)
-    whole = int(seconds)
-    micros = int((seconds - whole) * 1e6)
-    if whole == 0 and micros == 0:
-        micros = 1  # a tiny timeout must not turn into "forever"
-    return struct.pack("ll", whole, micros)
+def answer_and_close(sock: socket.socket, response: bytes, *, close: bool = True) -> None:
+    """Write an HTTP answer to a client we will not serve, then half-close and read what
+    it still sends for a moment before closing (blocking, in the calling thread).
 
-
-def prepare_listener(listener: socket.socket, *, read_timeout: Optional[float],
-                     write_timeout: Optional[float]) -> bool:
-    """Set the options every accepted socket needs on the listener instead; ``True`` if
-    accepted sockets inherit them.
-
-    Linux copies a listening socket's TCP_NODELAY, SO_RCVTIMEO and SO_SNDTIMEO to the
-    sockets ``accept()`` returns, which saves three system calls per connection (a
-    measurable share of a short connection's cost). Elsewhere each socket sets its own.
+    Closing a socket with unread input makes the kernel send RST, which can destroy our
+    answer before the client reads it; draining first lets the client see it.
     """
-    if not sys.platform.startswith("linux"):
-        return False
     try:
-        if listener.family != socket.AF_UNIX:
-            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(read_timeout))
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_timeout))
-    except OSError:  # pragma: no cover - every Linux socket family here has them
-        return False
-    return True
+        sock.settimeout(_ANSWER_LINGER_SECONDS)
+        sock.sendall(response)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _ANSWER_LINGER_SECONDS
+        drained = 0
+        while drained < _ANSWER_DRAIN_BYTES and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except (OSError, ValueError):
+        pass
+    finally:
+        if close:
+            sock.close()
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs from the server that owns it (the server implements it)."""
+
+    options: ServerOptions
+
+    @property
+    def logger(self) -> Any: ...
+
+    def handle_message(self, connection: "ServerConnection", message: Message
+                       ) -> Optional[Message]:
+        """The reply to one message (routing, or the raw ``message_handler``)."""
+
+    def authenticate(self, request: HTTPRequest) -> Any:
+        """The identity for an upgrade request; raises ``HandshakeRejected`` to refuse."""
+
+    def http_answer(self, request: HTTPRequest) -> bytes:
+        """The whole HTTP response to a request that asks for no upgrade."""
+
+    def expect_close(self, connection: "ServerConnection") -> None:
+        """Drop ``connection`` if its closing handshake is not over within close_timeout
+        (its thread may be blocked in a read that a Close from elsewhere cannot shorten)."""
+
+    def connection_done(self, connection: "ServerConnection") -> None:
+        """The connection has ended: socket closed; free its slot."""
+
+
+class Progress(enum.Enum):
+    """How far a non-blocking send (:meth:`ServerConnection.try_send`) has got."""
+
+    #: The whole frame is written to the socket.
+    DONE = "done"
+    #: Part of it waits for the socket to take more: wait until :meth:`fileno` is
+    #: writable, then call :meth:`ServerConnection.progress` again.
+    WAIT_WRITABLE = "wait_writable"
+    #: Another thread is writing to this client and will write this frame after its own;
+    #: call :meth:`ServerConnection.progress` again a little later.
+    WAIT_WRITER = "wait_writer"
+    #: Not sent: the connection is closing or closed, or the write failed.
+    CLOSED = "closed"
+
+
+class _WriteFailed(Exception):
+    """A write that cannot complete: the connection is dropped (see ``_drop``)."""
 
 
 class ServerConnection:
     """A client connection: its request, its state, and thread-safe ``send``/``close``.
 
-    Created by the server for each accepted socket and run by its own thread. Handlers
+    Created by the server for each admitted request and run by its own thread. Handlers
     reach it as ``ctx.connection``; ``server.connections`` lists the live ones.
     """
 
@@ -113,16 +173,21 @@ class ServerConnection:
 
     def __init__(
         self,
-        server: "Server",
+        owner: ConnectionOwner,
         sock: socket.socket,
         remote_address: Any,
         connection_id: str,
+        request: HTTPRequest,
+        *,
+        rest: bytes = b"",
+        inherited_read_timeout: Optional[float] = UNKNOWN_TIMEOUT,
     ) -> None:
-        self.server = server
+        #: The server (or other owner) this connection belongs to.
+        self.server = owner
         self.id = connection_id
         self.remote_address = remote_address
-        #: The handshake request (path, query, headers); ``None`` until it is read.
-        self.request: Optional[HTTPRequest] = None
+        #: The request that opened the connection (path, query, headers).
+        self.request = request
         #: What the ``authenticate`` hook returned, if there is one.
         self.identity: Any = None
         self.subprotocol: Optional[str] = None
@@ -132,85 +197,167 @@ class ServerConnection:
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self.opened_at = time.time()
-        #: Counters written by this connection's thread (read by ``server.stats()``).
+        #: Counters of this connection (see metrics.py for who writes which).
         self.metrics = ConnectionMetrics()
         #: The thread serving this connection, once it has started.
         self.thread: Optional[threading.Thread] = None
         # Held until run() has finished everything (threads are pooled, so the thread's
-        # end cannot tell): close() waits on it.
+        # end cannot tell): wait_finished() waits on it.
         self._running = threading.Lock()
         self._running.acquire()
         self._sock = sock
+        self._rest = rest
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        # OpenSSL objects must not be entered by two threads at once; held only around
+        # one non-blocking SSL call, never while waiting.
+        self._tls_lock = threading.Lock() if self._tls else None
         self._stream: Optional[MessageStream] = None
-        self._send_lock = threading.Lock()
+        # _lock: the stream's protocol state, _out, _queued and the close state. Short
+        # sections only. _writer: held by the one thread writing to the socket.
+        self._lock = threading.Lock()
+        self._writer = threading.Lock()
+        self._out: Deque[bytes] = collections.deque()
+        self._out_offset = 0  # bytes of _out[0] already written
+        # Bytes of frames encoded so far, and bytes written: a frame is out once
+        # _written reaches the _queued value it was given (its "ticket").
+        self._queued = 0
+        self._written = 0
+        self._closing = False  # no more data frames: Close queued or read, or dropped
+        self._broken = False  # aborted: nothing more can be written
+        self._finished = False  # socket closed
         self._closed_event: Optional[threading.Event] = None
-        self._finished = False
-        # Kernel timeouts only work on plain sockets; TLS sockets use Python timeouts.
-        self._kernel_timeouts = type(sock) is socket.socket
-        # The SO_RCVTIMEO in force, so that it is only set when it changes (a socket
-        # accepted from a prepared listener starts with the listener's), or
-        # UNKNOWN_TIMEOUT: then the handshake sets the socket's options itself.
-        self._read_timeout: Optional[float] = server._accepted_read_timeout
-        self._logger = server.logger
+        self._logger = owner.logger
+        options = owner.options
+        self._write_timeout = options.write_timeout
+        # The SO_RCVTIMEO in force on a plain socket, so that it is only set when it
+        # changes; TLS reads keep theirs here and wait in poll.
+        self._read_timeout: Optional[float] = inherited_read_timeout
 
     # Public API, for handlers and other threads.
 
     @property
     def path(self) -> str:
-        return self.request.path if self.request is not None else ""
+        return self.request.path
 
     @property
     def query(self) -> str:
-        return self.request.query if self.request is not None else ""
+        return self.request.query
 
     @property
     def open(self) -> bool:
         """True while messages can be sent to the client."""
         stream = self._stream
-        return not self._finished and stream is not None and stream.open
+        return not self._closing and stream is not None and stream.writable
 
     @property
     def closed(self) -> threading.Event:
-        """An event set when this connection closes (and so when the server shuts down)."""
+        """An event set as soon as this connection starts closing, from either side or
+        from ``server.close()``, or fails."""
         event = self._closed_event
         if event is None:
             # Made on first use: most connections never need one, and an Event is a
             # Condition and two locks, a few hundred bytes for each idle connection.
-            with self._send_lock:
+            with self._lock:
                 event = self._closed_event
                 if event is None:
                     event = self._closed_event = threading.Event()
-                    if self._finished:
+                    if self._closing:
                         event.set()
         return event
 
     def send(self, message: Any) -> None:
-        """Send a message to this client, from any thread.
+        """Send a message to this client, from any thread; returns once it is written.
 
         ``str`` goes as a text frame, bytes-like as a binary frame, anything else as
         JSON text. Raises :class:`~wsroute_sync.ConnectionClosed` once the connection is
-        closing or the write failed (the connection is then dropped), and
+        closing or the write failed (a client that takes nothing for ``write_timeout``
+        is dropped), ``ValueError`` for a value JSON cannot encode and
         ``UnicodeEncodeError`` for text that has no UTF-8 form (lone surrogates).
         """
-        if isinstance(message, str):
-            if not message.isascii():
-                message.encode("utf-8")  # lone surrogates: UnicodeEncodeError, here
-            data: Union[str, bytes] = message
-        elif isinstance(message, (bytes, bytearray, memoryview)):
-            data = bytes(message)
-        else:
-            encoded = encode_result(message, True)
-            assert isinstance(encoded, str)
-            data = encoded
-        if not self._send(data):
+        if not self._send_data(as_message(message), None):
             raise ConnectionClosed(self.close_code, self.close_reason)
+
+    def try_send(self, message: PreparedMessage) -> Tuple[Progress, int]:
+        """Start sending without waiting, for fan-out: ``(progress, ticket)``.
+
+        The frame is queued behind what this connection is already writing and written
+        as far as the socket takes it now. Unless ``progress`` is ``DONE`` or ``CLOSED``,
+        drive it with :meth:`progress` (``ticket`` names the frame).
+        """
+        with self._lock:
+            stream = self._stream
+            if self._closing or stream is None or not stream.writable:
+                return Progress.CLOSED, 0
+            frame = message.frame_for(stream)
+            self.metrics.messages_out += 1
+            self._out.append(frame)
+            self._queued += len(frame)
+            ticket = self._queued
+        return self.progress(ticket), ticket
+
+    def progress(self, ticket: int) -> Progress:
+        """Write more of the queued frames without waiting; how far ``ticket`` has got."""
+        if self._written >= ticket:
+            return Progress.DONE
+        if self._broken:
+            return Progress.CLOSED
+        if not self._writer.acquire(False):
+            return Progress.WAIT_WRITER
+        try:
+            if self._finished:
+                return Progress.CLOSED
+            try:
+                self._flush(None, blocking=False)
+            except _WriteFailed as exc:
+                self.drop(str(exc))
+        finally:
+            self._release_writer()
+        if self._written >= ticket:
+            return Progress.DONE
+        return Progress.CLOSED if self._broken else Progress.WAIT_WRITABLE
+
+    def fileno(self) -> int:
+        """The socket's file descriptor, to wait until it is writable (-1 once closed)."""
+        return -1 if self._finished else self._sock.fileno()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake (from any thread); the client's answer ends it.
 
-        A client that does not answer within ``close_timeout`` is disconnected.
+        Returns once our Close frame is written (at most ``write_timeout``); a client
+        that does not answer within ``close_timeout`` is disconnected.
         """
-        self._start_close(code, reason, lock_timeout=self.server.options.write_timeout)
+        ticket = self._queue_close(code, reason)
+        if ticket is None:
+            if self._stream is None:
+                self.abort()  # not upgraded yet: there is no WebSocket to close
+            return
+        timeout = self._write_timeout
+        self._deliver(ticket, None if timeout is None else time.monotonic() + timeout)
+        if self.thread is not threading.current_thread():
+            self.server.expect_close(self)
+
+    def close_nowait(self, code: int, reason: str) -> Tuple[Progress, int]:
+        """Queue our Close frame and write what the socket takes now, for shutdown.
+
+        Returns like :meth:`try_send`; ``CLOSED`` when there was nothing to close.
+        """
+        ticket = self._queue_close(code, reason)
+        if ticket is None:
+            if self._stream is None:
+                self.abort()
+            return Progress.CLOSED, 0
+        if self.thread is not threading.current_thread():
+            self.server.expect_close(self)
+        return self.progress(ticket), ticket
+
+    def abort(self) -> None:
+        """Drop the TCP connection now; wakes this connection's thread and its writers."""
+        self._broken = True
+        self._mark_closing()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def join(self, room: str) -> None:
         """Join ``room``: ``server.broadcast(message, room=room)`` reaches this client (on
@@ -232,7 +379,7 @@ class ServerConnection:
 
     def wait_finished(self, timeout: Optional[float] = None) -> bool:
         """Wait until :attr:`finished`; ``False`` if ``timeout`` ran out first."""
-        if self._running.acquire(timeout=-1 if timeout is None else timeout):
+        if self._running.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             self._running.release()
             return True
         return False
@@ -240,228 +387,320 @@ class ServerConnection:
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.remote_address!r}>"
 
-    # Internals shared with the server.
+    # Close state.
 
-    def _start_close(self, code: int, reason: str, *, lock_timeout: Optional[float]) -> bool:
-        """Send a Close frame; ``False`` if there was nothing to do or it failed."""
-        stream = self._stream
-        if stream is None or self._finished:
-            # Still in the handshake: there is no WebSocket to close, only a socket.
-            self._abort()
-            return False
-        if not self._send_lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
-            # Another thread is stuck writing to this client: it cannot take a Close
-            # frame either, so drop it.
-            self._abort()
-            return False
-        try:
-            data = stream.close(code, reason)
-            if not data:
-                return False
-            self._sock.sendall(data)
-        except OSError:
-            self._abort()
-            return False
-        finally:
-            self._send_lock.release()
-        if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
-        if self.thread is not threading.current_thread():
-            # The reading thread is blocked in recv with the keepalive timeout; the
-            # server makes sure the closing handshake is bounded by close_timeout.
-            self.server._schedule_abort(self)
-        return True
+    def _mark_closing(self) -> None:
+        with self._lock:
+            self._closing = True
+            event = self._closed_event
+        if event is not None:
+            event.set()
 
-    def _abort(self) -> None:
-        """Drop the TCP connection now; wakes the connection thread if it is reading."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def _queue_close(self, code: int, reason: str) -> Optional[int]:
+        """Queue our Close (or our answer to the client's); its ticket, or ``None``."""
+        with self._lock:
+            stream = self._stream
+            if stream is None or self._finished:
+                return None
+            frame = stream.close(code, reason)
+            self._closing = True
+            event = self._closed_event
+            ticket: Optional[int] = None
+            if frame:
+                self._out.append(frame)
+                self._queued += len(frame)
+                ticket = self._queued
+                if self.close_code is None:
+                    self.close_code, self.close_reason = code, reason
+        if event is not None:
+            event.set()
+        return ticket
 
-    def _send(self, data: Union[str, bytes]) -> bool:
-        stream = self._stream
-        if stream is None:
-            return False
-        with self._send_lock:
-            try:
-                frame = stream.send(data)
-            except LocalProtocolError:
-                return False  # closing has started: RFC 6455 5.5.1, no data after Close
-            try:
-                self._sock.sendall(frame)
-            except _TIMEOUT_ERRORS:
-                self._write_failed("write timed out (write_timeout) - client not reading")
-                return False
-            except OSError as exc:
-                self._write_failed(f"write failed: {exc}")
-                return False
-        self.metrics.messages_out += 1
-        return True
-
-    def _frame_shared(self, data: Union[str, bytes], shared: Dict[bool, bytes]
-                      ) -> Optional[bytes]:
-        """The frame for ``data`` (send lock held); ``None`` if closing.
-
-        Connections without an extension all write the same bytes for a message, so a
-        broadcast frames it once (``shared``); a compressing one frames its own.
-        """
-        stream = self._stream
-        if stream is None or self._finished:
-            return None
-        plain = stream.plain
-        if plain and True in shared:
-            return shared[True]
-        try:
-            frame = stream.send(data)
-        except LocalProtocolError:
-            return None
-        if plain:
-            shared[True] = frame
-        return frame
-
-    def _write_nowait(self, data: memoryview) -> Optional[memoryview]:
-        """Write what the socket takes now (send lock held); the rest, or ``None`` on error."""
-        try:
-            n = self._sock.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return data
-        except OSError as exc:
-            self._write_failed(f"write failed: {exc}")
-            return None
-        return data[n:]
-
-    def _write_failed(self, why: str) -> None:
+    def drop(self, why: str) -> None:
+        """Drop a client that cannot take our data (a write failed or timed out), now,
+        with a TCP reset so that the kernel frees what is queued for it; ``why`` is
+        logged and becomes the close reason (1006)."""
+        if self._broken:
+            return  # already dropped or aborted
         self._logger.info("connection %s: %s; dropping it", self.id, why)
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, why
         try:
-            # A client that cannot take our data will not read what is queued for it
-            # either: close with RST, so the kernel frees that memory now.
+            # It will not read what is queued for it either: close with RST, so the
+            # kernel frees that memory now.
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
-        self._abort()
+        self.abort()
+
+    # Writing. Every method below that writes is called with _writer held.
+
+    def _wait(self, events: int, timeout: Optional[float]) -> bool:
+        """Wait until the socket is ready for ``events``; ``False`` on timeout."""
+        poller = select.poll()
+        poller.register(self._sock, events)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
+
+    def _write(self, data: Union[bytes, memoryview], deadline: Optional[float]) -> None:
+        """Write all of ``data``; each wait is bounded by write_timeout and ``deadline``."""
+        sock = self._sock
+        tls_lock = self._tls_lock
+        while True:
+            try:
+                if tls_lock is None:
+                    n = sock.send(data, socket.MSG_DONTWAIT)
+                else:
+                    with tls_lock:
+                        n = sock.send(data)
+                events = _POLLOUT
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                n, events = 0, _POLLOUT
+            except ssl.SSLWantReadError:
+                n, events = 0, _POLLIN  # TLS wants to read before it can write
+            except OSError as exc:
+                raise _WriteFailed(f"write failed: {exc}") from None
+            if n:
+                self._written += n
+                if n == len(data):
+                    return
+                data = memoryview(data)[n:]
+                continue
+            wait = self._write_timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                wait = left if wait is None else min(wait, left)
+            if (wait is not None and wait <= 0) or not self._wait(events, wait):
+                raise _WriteFailed("write timed out - client not reading")
+
+    def _write_nowait(self, data: memoryview) -> int:
+        """Write what the socket takes now; how many bytes."""
+        sock = self._sock
+        tls_lock = self._tls_lock
+        try:
+            if tls_lock is None:
+                n = sock.send(data, socket.MSG_DONTWAIT)
+            else:
+                with tls_lock:
+                    n = sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except OSError as exc:
+            raise _WriteFailed(f"write failed: {exc}") from None
+        self._written += n
+        return n
+
+    def _flush(self, deadline: Optional[float], *, blocking: bool) -> None:
+        """Write the queued frames, in order (all of them, unless non-blocking)."""
+        out = self._out
+        while True:
+            with self._lock:
+                if not out:
+                    return
+                if self._broken:
+                    raise _WriteFailed("connection dropped")
+                frame = out[0]
+                offset = self._out_offset
+            view = memoryview(frame)[offset:]
+            if blocking:
+                self._write(view, deadline)
+                n = len(view)
+            else:
+                n = self._write_nowait(view)
+            with self._lock:
+                if n == len(view):
+                    out.popleft()
+                    self._out_offset = 0
+                else:
+                    self._out_offset = offset + n
+            if n < len(view):
+                return
+
+    def _release_writer(self) -> None:
+        """Release ``_writer``; first write what was queued by threads that found it taken."""
+        writer = self._writer
+        while True:
+            writer.release()
+            if not self._out or self._broken or not writer.acquire(False):
+                return
+            try:
+                self._flush(None, blocking=False)
+            except _WriteFailed as exc:
+                self.drop(str(exc))
+
+    def _acquire_writer(self, deadline: Optional[float]) -> bool:
+        timeout = self._write_timeout
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        if self._writer.acquire(timeout=-1 if timeout is None else timeout):
+            return True
+        # Another thread has been writing to this client all that time: it takes nothing.
+        self.drop("write timed out behind another writer - client not reading")
+        return False
+
+    def _send_data(self, data: Message, deadline: Optional[float]) -> bool:
+        """Encode and write one data message (blocking, bounded); ``False`` if not sent."""
+        if not self._acquire_writer(deadline):
+            return False
+        try:
+            with self._lock:
+                stream = self._stream
+                if self._closing or self._finished or stream is None or not stream.writable:
+                    return False
+                frame = stream.send(data)
+                self.metrics.messages_out += 1
+                self._queued += len(frame)
+                queued = bool(self._out)
+                if queued:
+                    self._out.append(frame)
+            if queued:
+                self._flush(deadline, blocking=True)
+            else:
+                self._write(frame, deadline)  # the usual case: nothing ahead of it
+            return True
+        except _WriteFailed as exc:
+            self.drop(str(exc))
+            return False
+        finally:
+            self._release_writer()
+
+    def _send_control(self, ping: bool, payload: bytes = b"") -> bool:
+        """Write a Ping (``ping``) or a Pong; ``False`` if the connection failed."""
+        if not self._acquire_writer(None):
+            return False
+        try:
+            with self._lock:
+                stream = self._stream
+                if self._broken or stream is None:
+                    return False
+                try:
+                    frame = stream.ping(payload) if ping else stream.pong(payload)
+                except LocalProtocolError:
+                    return True  # closing: no more pings or pongs, nothing is wrong
+                self._queued += len(frame)
+                self._out.append(frame)
+            self._flush(None, blocking=True)
+            return True
+        except _WriteFailed as exc:
+            self.drop(str(exc))
+            return False
+        finally:
+            self._release_writer()
+
+    def _deliver(self, ticket: int, deadline: Optional[float]) -> bool:
+        """Write until the frame ``ticket`` names is out (blocking, bounded)."""
+        while self._written < ticket:
+            if self._broken or not self._acquire_writer(deadline):
+                return False
+            try:
+                if self._broken:
+                    return False
+                self._flush(deadline, blocking=True)
+            except _WriteFailed as exc:
+                self.drop(str(exc))
+                return False
+            finally:
+                self._release_writer()
+        return True
+
+    # Reading.
 
     def _set_read_timeout(self, seconds: Optional[float]) -> None:
-        if self._kernel_timeouts:
-            if seconds != self._read_timeout:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-                self._read_timeout = seconds
-        else:
-            self._sock.settimeout(seconds)
+        if seconds != self._read_timeout:
+            if not self._tls:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
+            self._read_timeout = seconds
+
+    def _recv_tls(self, size: int) -> bytes:
+        """One read of a non-blocking TLS socket, waiting up to the read timeout."""
+        sock = self._sock
+        tls_lock = self._tls_lock
+        assert tls_lock is not None
+        timeout = self._read_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with tls_lock:
+                try:
+                    return sock.recv(size)
+                except ssl.SSLWantReadError:
+                    events = _POLLIN
+                except ssl.SSLWantWriteError:
+                    events = _POLLOUT
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not self._wait(events, left):
+                raise socket.timeout("read timed out")
 
     # The connection thread.
 
     def run(self) -> None:
-        """Serve the connection until it closes; always releases its server slot."""
-        logger = self._logger
+        """Serve the connection until it closes; always tells the owner it is done."""
         self.thread = threading.current_thread()
         try:
-            if self._handshake():
+            if self._upgrade():
                 self._serve()
         except Exception:
-            logger.error("connection %s: unexpected error", self.id, exc_info=True)
+            self._logger.error("connection %s: unexpected error", self.id, exc_info=True)
         finally:
-            with self._send_lock:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._out and not self._broken:
+            # Frames another thread queued and has not written yet, our Close among them
+            # (its Close and the client's can cross): they go out before TCP closes.
+            timeout = self._write_timeout
+            self._deliver(self._queued, None if timeout is None else time.monotonic() + timeout)
+        # Wake any thread still writing (its write fails at once), then wait for it to
+        # leave: the socket must not be closed under a writer, whose file descriptor
+        # number could by then belong to another client.
+        self.abort()
+        with self._writer:
+            with self._lock:
                 self._finished = True
-                event = self._closed_event
+                self._out.clear()
             try:
                 self._sock.close()
             finally:
-                if event is not None:
-                    event.set()
                 try:
-                    self.server._connection_done(self)
+                    self.server.connection_done(self)
                 finally:
                     self._running.release()
 
-    def _handshake(self) -> bool:
-        """Read the request head and answer it; ``True`` once upgraded."""
-        server = self.server
-        options = server.options
+    def _upgrade(self) -> bool:
+        """Answer the request: a plain HTTP answer, a refusal, or the 101; ``True`` once
+        upgraded."""
+        owner = self.server
+        options = owner.options
         sock = self._sock
-        timeout = options.handshake_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        kernel = self._kernel_timeouts
-        if self._read_timeout == UNKNOWN_TIMEOUT:
-            # Not inherited from the listener (see prepare_listener): set here.
-            if sock.family != socket.AF_UNIX:
-                # Replies are small and the client waits for each one: do not let
-                # Nagle's algorithm hold them back for the ACK of the previous one.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if kernel:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                _timeval(options.write_timeout))
-                self._set_read_timeout(timeout)
-        if isinstance(sock, ssl.SSLSocket):
-            # The TLS handshake counts against handshake_timeout too.
-            try:
-                sock.settimeout(timeout)
-                sock.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
-                self._logger.warning("connection %s: TLS handshake failed: %s", self.id, exc)
-                return False
-        buffer = bytearray()
-        limit = options.max_header_size
-        end = -1
-        first = True
-        while end < 0:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._refuse_timeout()
-                    return False
-                if not kernel:
-                    sock.settimeout(remaining)
-                elif not first:
-                    # The first read waits handshake_timeout; later ones what is left.
-                    self._set_read_timeout(remaining)
-            first = False
-            try:
-                chunk = sock.recv(_HEAD_READ)
-            except _TIMEOUT_ERRORS:
-                self._refuse_timeout()
-                return False
-            except OSError as exc:
-                self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
-                return False
-            if not chunk:
-                self._logger.debug("connection %s: closed before a request", self.id)
-                return False
-            start = len(buffer)
-            buffer += chunk
-            if start < 16:
-                # Refuse a TLS hello or binary junk now: it never ends with a blank
-                # line, so waiting for one would hold the slot for handshake_timeout.
-                try:
-                    check_request_start(buffer)
-                except BadRequest as exc:
-                    self._refuse(exc.status, exc.reason)
-                    return False
-            end = find_head_end(buffer, start)
-            if (end < 0 and len(buffer) > limit) or end > limit:
-                self._refuse(431, f"request head larger than {limit} bytes")
-                return False
-        head, rest = bytes(buffer[:end]), bytes(buffer[end:])
-        try:
-            request = parse_request_head(head, self.remote_address)
-        except BadRequest as exc:
-            self._refuse(exc.status, exc.reason)
-            return False
-        self.request = request
+        request = self.request
+        if self._tls:
+            sock.setblocking(False)
+        else:
+            sock.setblocking(True)  # blocking reads under SO_RCVTIMEO; writes never block
+            if self._read_timeout == UNKNOWN_TIMEOUT:
+                # Not inherited from a prepared listener: set here.
+                if sock.family != socket.AF_UNIX:
+                    # Replies are small and the client waits for each one: do not let
+                    # Nagle's algorithm hold them back for the ACK of the previous one.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not is_upgrade_request(request):
-            self._send_and_linger(server._plain_http(request))
+            self._answer_and_linger(owner.http_answer(request))
             return False
         try:
-            check_upgrade(
-                request,
-                paths=options.path,
-                allowed_origins=options.allowed_origins,
-                check_origin=options.check_origin,
-            )
+            try:
+                check_upgrade(
+                    request,
+                    paths=options.path,
+                    allowed_origins=options.allowed_origins,
+                    check_origin=options.check_origin,
+                )
+            except HandshakeRejected:
+                raise
+            except Exception as exc:  # only the check_origin hook runs user code here
+                self._logger.error("connection %s: check_origin hook failed", self.id,
+                                   exc_info=True)
+                raise HandshakeRejected(500, "origin check failed") from exc
             if options.authenticate is not None:
-                self.identity = server._authenticate(request)
+                self.identity = owner.authenticate(request)
             try:
                 response, ws, self.subprotocol, deflate = accept_upgrade(
                     request, subprotocols=options.subprotocols, compression=options.compression
@@ -474,110 +713,83 @@ class ServerConnection:
             self._logger.warning(
                 "connection %s: handshake refused with %d: %s", self.id, exc.status, exc.reason
             )
-            self._send_and_linger(rejection_response(exc, head_only=request.method == "HEAD"))
+            self._answer_and_linger(rejection_response(exc, head_only=request.method == "HEAD"))
             return False
-        stream = MessageStream(
-            ws, max_message_size=options.max_message_size, extensions=deflate
-        )
+        stream = MessageStream(ws, max_message_size=options.max_message_size,
+                               extensions=deflate)
         # Open for sending before the client can see the 101 (a broadcast made after the
-        # client connected must reach it), but under the send lock, so that no frame
-        # can be written ahead of the 101 response.
-        with self._send_lock:
-            self._stream = stream
-            try:
-                sock.sendall(response)
-            except OSError as exc:
-                self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
-                return False
-        self._pending = rest
+        # client connected must reach it), but with the writer held, so that a frame
+        # queued meanwhile goes out after the 101.
+        self._writer.acquire()
+        try:
+            with self._lock:
+                self._stream = stream
+                self._queued += len(response)
+            self._write(response, None)
+        except _WriteFailed as exc:
+            self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
+            self.abort()
+            return False
+        finally:
+            self._release_writer()
         self._logger.debug("connection %s: open from %s, path %s", self.id,
                            self.remote_address, request.path)
         return True
 
-    def _refuse_timeout(self) -> None:
-        self._logger.warning("connection %s: no complete request within handshake_timeout",
-                             self.id)
-        self._send_and_linger(http_response(408, "request head not received in time\n"))
-
-    def _refuse(self, status: int, reason: str) -> None:
-        self._logger.warning("connection %s: bad request, answered %d: %s", self.id, status,
-                             reason)
-        self._send_and_linger(http_response(status, reason + "\n"))
-
-    def _send_and_linger(self, response: bytes) -> None:
-        """Answer, then half-close and read what the client still sends for a moment.
-
-        Closing a socket with unread input makes the kernel send RST, which can destroy
-        our answer before the client reads it; draining first lets the client see it.
-        """
-        sock = self._sock
-        try:
-            sock.settimeout(_LINGER_SECONDS)
-            sock.sendall(response)
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _LINGER_SECONDS
-            drained = 0
-            while drained < (1 << 20) and time.monotonic() < deadline:
-                chunk = sock.recv(_HEAD_READ)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
+    def _answer_and_linger(self, response: bytes) -> None:
+        answer_and_close(self._sock, response, close=False)
 
     def _serve(self) -> None:
-        """The message loop: read, hand whole messages to the server's handler, reply."""
-        server = self.server
-        options = server.options
+        """The message loop: read, hand whole messages to the owner's handler, reply."""
+        owner = self.server
+        options = owner.options
         sock = self._sock
         stream = self._stream
         assert stream is not None
         logger = self._logger
+        lock = self._lock
         ping_interval = options.ping_interval
-        if self._kernel_timeouts:
-            # SO_SNDTIMEO (write_timeout) was set with the handshake; reads now wait
-            # for keepalive's interval (or forever).
-            self._set_read_timeout(ping_interval)
-        else:
-            # A TLS socket has one Python timeout for reads and writes: keepalive's
-            # interval when there is one, else write_timeout (reads then just go on).
-            sock.settimeout(ping_interval or options.write_timeout)
-        handle = server._message_handler
-        send = self._send
+        self._set_read_timeout(ping_interval)
+        handle = owner.handle_message
+        send = self._send_data
         metrics = self.metrics
-        recv = sock.recv
+        rate = options.message_rate
+        bucket = None if rate is None else TokenBucket(
+            rate, options.message_burst or max(1, int(rate)))
+        clock = time.monotonic
+        tls = self._tls
+        recv = self._recv_tls if tls else sock.recv
         recv_into = sock.recv_into
         small = bytearray(_RECV_SMALL)
         small_view = memoryview(small)
         awaiting_pong = False
         closing = False  # we sent Close and wait for the client's (close_timeout applies)
-        data: Optional[bytes] = self._pending
-        del self._pending
+        data: Optional[bytes] = self._rest
+        self._rest = b""
         size = _RECV_SMALL
         while True:
             if data is None and stream.deferred:
                 data = b""  # the rest of the last read, held back behind earlier replies
             if data is None:
                 try:
-                    if size == _RECV_SMALL:
+                    if size == _RECV_SMALL and not tls:
                         data = small_view[:recv_into(small)].tobytes()
                     else:
                         data = recv(size)
                 except _TIMEOUT_ERRORS:
-                    if stream.state is ConnectionState.LOCAL_CLOSING or closing:
+                    if closing or stream.state is ConnectionState.LOCAL_CLOSING:
                         logger.info("connection %s: no Close answer in time, dropping", self.id)
                         return
                     if ping_interval is None:
-                        continue  # TLS without keepalive: only writes are bounded
+                        continue
                     if awaiting_pong:
                         # RFC 6455 7.1.7 allows failing a connection that stopped
                         # responding; 1011 says the server gave up on it.
                         logger.info("connection %s: no pong within ping_timeout", self.id)
-                        self._start_close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout",
-                                          lock_timeout=0.0)
-                        self.close_code = 1011
+                        self.close_code, self.close_reason = 1011, "keepalive ping timeout"
+                        self.close_nowait(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
                         return
-                    if not self._send_control(stream.ping):
+                    if not self._send_control(True):
                         return
                     awaiting_pong = True
                     self._set_read_timeout(options.ping_timeout)
@@ -592,29 +804,47 @@ class ServerConnection:
                 elif size != _RECV_SMALL:
                     size = _RECV_SMALL
                 if not data:
-                    stream.receive(None)
+                    with lock:
+                        stream.receive(None)
                     if self.close_code is None:
                         self.close_code = 1006
                     return
-            for item in stream.receive(data):
+            with lock:
+                items = stream.receive(data)
+            for item in items:
                 kind = type(item)
                 if kind is str or kind is bytes:
+                    if self._closing:
+                        continue  # closing: requests read behind the Close are not run
                     metrics.messages_in += 1
+                    if bucket is not None and not bucket.take(clock()):
+                        # Over the rate: not handled; the client learns why and may go on.
+                        metrics.error("rate_limited")
+                        envelope = error_envelope("rate limit exceeded")
+                        send(envelope if kind is str else envelope.encode(), None)
+                        continue
                     reply = handle(self, item)  # type: ignore[arg-type]
                     if reply is not None:
-                        send(reply)
+                        send(reply, None)
                 elif kind is PingReceived:
-                    self._send_control(stream.pong, item.payload)  # type: ignore[union-attr]
+                    self._send_control(False, item.payload)  # type: ignore[union-attr]
                 elif kind is PongReceived:
                     if awaiting_pong:
                         awaiting_pong = False
-                        self._set_read_timeout(ping_interval)
+                        if not closing:
+                            # During the closing handshake close_timeout stays in force.
+                            self._set_read_timeout(ping_interval)
                 elif kind is CloseReceived:
                     assert isinstance(item, CloseReceived)
+                    self._mark_closing()
                     if not item.closed:
                         # Echo the code (RFC 6455 5.5.1); 1005 "no status" becomes an
                         # empty Close, which wsproto writes for it.
-                        self._start_close(item.code, "", lock_timeout=options.write_timeout)
+                        ticket = self._queue_close(item.code, "")
+                        if ticket is not None:
+                            timeout = self._write_timeout
+                            self._deliver(ticket, None if timeout is None
+                                          else time.monotonic() + timeout)
                     if self.close_code is None or not item.closed:
                         self.close_code, self.close_reason = item.code, item.reason
                     # RFC 6455 7.1.1: the server closes TCP first, so return now.
@@ -623,28 +853,17 @@ class ServerConnection:
                     assert isinstance(item, ProtocolFailure)
                     logger.info("connection %s: failing with %d: %s", self.id, item.code,
                                 item.reason)
-                    self._start_close(item.code, item.reason, lock_timeout=options.write_timeout)
                     self.close_code, self.close_reason = item.code, item.reason
+                    ticket = self._queue_close(item.code, item.reason)
+                    if ticket is not None:
+                        timeout = self._write_timeout
+                        self._deliver(ticket, None if timeout is None
+                                      else time.monotonic() + timeout)
                     return
             data = None
-            if not closing and not stream.writable:
-                # Still here with the stream no longer open: a handler (or close() in
-                # this thread) sent Close, as the client's Close would have returned.
-                # The closing handshake has started:
-                # from now on the wait for the client's Close is bounded by close_timeout.
+            if not closing and self._closing:
+                # Still here while closing: our Close went out (a handler, another
+                # thread, or server.close()). From now on the wait for the client's
+                # Close is bounded by close_timeout.
                 closing = True
                 self._set_read_timeout(options.close_timeout)
-
-    def _send_control(self, make: Any, *args: Any) -> bool:
-        with self._send_lock:
-            try:
-                frame = make(*args)
-            except LocalProtocolError:
-                return True  # closing: no more pings or pongs, nothing is wrong
-            try:
-                self._sock.sendall(frame)
-            except OSError as exc:
-                self._write_failed(f"write failed: {exc}")
-                return False
-        return True
-

@@ -7,16 +7,32 @@ about the connection is read through to the :class:`~wsroute_sync.ServerConnecti
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+import threading
+from typing import Any, Callable, Dict, List, Optional, Protocol, cast
 
-if TYPE_CHECKING:  # pragma: no cover
-    import threading
+from .connection import ServerConnection
+from .http import Headers
 
-    from .connection import ServerConnection
-    from .http import Headers
-    from .server import Server
+__all__ = ["Context", "ServerView"]
 
-__all__ = ["Context"]
+
+class ServerView(Protocol):
+    """What a handler can do with its server through ``ctx.server`` (a
+    :class:`~wsroute_sync.Server`; this names the part handlers use)."""
+
+    @property
+    def connections(self) -> List[ServerConnection]: ...
+
+    def broadcast(self, message: Any, *, room: Optional[str] = None,
+                  predicate: Optional[Callable[[ServerConnection], bool]] = None,
+                  timeout: Optional[float] = None) -> int: ...
+
+    def send_to(self, connection_id: str, message: Any) -> bool: ...
+
+    def stats(self) -> Dict[str, Any]: ...
+
+    def close(self, timeout: Optional[float] = 10.0) -> None: ...
+
 
 class Context:
     """What a handler knows about the message it is handling.
@@ -37,7 +53,7 @@ class Context:
         self,
         route: str,
         params: Any,
-        connection: "ServerConnection",
+        connection: ServerConnection,
         deadline: Optional[float] = None,
     ) -> None:
         self.route = route
@@ -80,14 +96,14 @@ class Context:
         return request.query_params if request is not None else {}
 
     @property
-    def headers(self) -> "Headers":
+    def headers(self) -> Headers:
         request = self.connection.request
         assert request is not None  # handlers only run after the handshake
         return request.headers
 
     @property
-    def server(self) -> "Server":
-        return self.connection.server
+    def server(self) -> ServerView:
+        return cast(ServerView, self.connection.server)
 
     @property
     def values(self) -> Dict[str, Any]:
@@ -104,7 +120,7 @@ class Context:
         return self.connection.subprotocol
 
     @property
-    def closed(self) -> "threading.Event":
+    def closed(self) -> threading.Event:
         """Set when the connection closes or the server shuts down."""
         return self.connection.closed
 

@@ -1,7 +1,9 @@
 """Counters and the handler latency histogram, and their Prometheus text form.
 
-Each connection counts into its own :class:`ConnectionMetrics`, written only by its own
-thread, so the per-message path takes no lock and loses no count; the server adds a
+Each connection counts into its own :class:`ConnectionMetrics`: what it reads and handles
+is written only by its own thread, so that path takes no lock and loses no count; what
+it sends (``messages_out``) is counted under the connection's lock by whichever thread
+sends (replies, pushes, broadcasts) as the frame is made. The server adds a
 connection's numbers to its running totals once, when the connection ends, and
 :func:`render_prometheus` turns a snapshot into the text exposition format (0.0.4).
 """
@@ -27,7 +29,7 @@ LATENCY_BUCKETS: Tuple[float, ...] = (
 
 
 class ConnectionMetrics:
-    """What one connection did; written by its own thread only."""
+    """What one connection did (see the module docstring for who writes what)."""
 
     __slots__ = ("messages_in", "messages_out", "errors", "latency")
 

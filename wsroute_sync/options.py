@@ -1,9 +1,7 @@
-"""Server options: one validated record, and the seed's functional-option aliases.
+"""Server options: one validated record of every keyword of :class:`~wsroute_sync.Server`.
 
-Every option is a keyword argument of :class:`~wsroute_sync.Server`; ``None`` switches a
-feature off. The Go original configured its server with functional options
-(``NewServer(WithMaxConnections(2000), WithLogger(l))``); :func:`new_server` and the
-``with_*`` helpers are thin aliases over the same keywords, never a second code path.
+``None`` switches a feature off. The Go seed's functional options are aliases over the
+same keywords (:mod:`wsroute_sync.functional`).
 """
 
 from __future__ import annotations
@@ -13,19 +11,14 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 from .backplane import Backplane
-from .pool import THREAD_POLICIES
+from .limits import check_trusted_proxies
+from .pool import check_thread_policy
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from .http import HTTPRequest
-    from .server import Server
 
 __all__ = [
     "ServerOptions",
-    "Option",
-    "new_server",
-    "with_max_connections",
-    "with_logger",
-    "with_option",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_HEADER_SIZE",
@@ -67,6 +60,13 @@ class ServerOptions:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    max_pending_handshakes: Union[int, str, None] = "auto"
+    # Per-client limits
+    max_connections_per_ip: Optional[int] = None
+    message_rate: Optional[float] = None
+    message_burst: Optional[int] = None
+    trusted_proxies: Optional[Tuple[str, ...]] = None
+    client_ip_header: str = "X-Forwarded-For"
     # Timeouts, in seconds
     handshake_timeout: Optional[float] = 10.0
     ping_interval: Optional[float] = 20.0
@@ -98,6 +98,18 @@ class ServerOptions:
         _check_size("max_header_size", self.max_header_size, allow_none=False)
         if self.max_header_size < 256:
             raise ValueError("max_header_size must be at least 256 bytes")
+        _check_size("max_connections_per_ip", self.max_connections_per_ip)
+        _check_size("message_burst", self.message_burst)
+        _check_timeout("message_rate", self.message_rate)  # a positive number or None
+        if self.message_burst is not None and self.message_rate is None:
+            raise ValueError("message_burst needs message_rate")
+        if not isinstance(self.client_ip_header, str) or not self.client_ip_header:
+            raise TypeError("client_ip_header must be a header name")
+        if self.trusted_proxies is not None:
+            object.__setattr__(self, "trusted_proxies",
+                               check_trusted_proxies(self.trusted_proxies))
+        if self.max_pending_handshakes != "auto":
+            _check_size("max_pending_handshakes", self.max_pending_handshakes)  # type: ignore[arg-type]
         for name in (
             "handshake_timeout",
             "ping_interval",
@@ -137,50 +149,8 @@ class ServerOptions:
         if self.backplane is not None and not isinstance(self.backplane, Backplane):
             raise TypeError("backplane must be a wsroute_sync.Backplane (e.g. RedisBackplane) "
                             "or None")
-        if self.thread_policy is not None and self.thread_policy not in ("auto", *THREAD_POLICIES):
-            raise ValueError(
-                f"thread_policy must be 'auto', 'batch' or None, got {self.thread_policy!r}"
-            )
+        check_thread_policy(self.thread_policy, allow_auto=True)
         if self.logger is not None and not isinstance(
             self.logger, (logging.Logger, logging.LoggerAdapter)
         ):
             raise TypeError("logger must be a logging.Logger or LoggerAdapter")
-
-
-Option = Callable[[Dict[str, Any]], None]
-
-
-def with_option(name: str, value: Any) -> Option:
-    """Return a functional option that sets the keyword ``name`` of ``Server``."""
-    field_names = {f.name for f in dataclasses.fields(ServerOptions)}
-    if name not in field_names:
-        raise TypeError(f"unknown server option {name!r}")
-
-    def apply(options: Dict[str, Any]) -> None:
-        options[name] = value
-
-    return apply
-
-
-def with_max_connections(n: int) -> Option:
-    """The seed's ``WithMaxConnections``: alias of ``Server(max_connections=n)``."""
-    return with_option("max_connections", n)
-
-
-def with_logger(logger: Union[logging.Logger, logging.LoggerAdapter]) -> Option:  # type: ignore[type-arg]
-    """The seed's ``WithLogger``: alias of ``Server(logger=logger)``."""
-    return with_option("logger", logger)
-
-
-def new_server(*options: Option, **kwargs: Any) -> "Server":
-    """The seed's ``NewServer(opts...)``: build a :class:`Server` from functional options."""
-    from .server import Server
-
-    collected: Dict[str, Any] = {}
-    for option in options:
-        if not callable(option):
-            raise TypeError(f"options must be made by with_*(), got {option!r}")
-        option(collected)
-    collected.update(kwargs)
-    return Server(**collected)
-

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Set
 
-__all__ = ["ThreadPool", "THREAD_POLICIES", "set_thread_policy"]
+__all__ = ["ThreadPool", "THREAD_POLICIES", "check_thread_policy", "set_thread_policy"]
 
 Job = Callable[[], None]
 
@@ -40,10 +40,13 @@ Job = Callable[[], None]
 THREAD_POLICIES = ("batch",)
 
 
-def _check_policy(policy: Optional[str]) -> None:
-    if policy is not None and policy not in THREAD_POLICIES:
-        raise ValueError(f"thread_policy must be one of {THREAD_POLICIES} or None, "
-                         f"got {policy!r}")
+def check_thread_policy(policy: Optional[str], *, allow_auto: bool = False) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of :data:`THREAD_POLICIES` or ``None``
+    (or ``"auto"``, which the server resolves, when ``allow_auto``)."""
+    allowed = ("auto", *THREAD_POLICIES) if allow_auto else THREAD_POLICIES
+    if policy is not None and policy not in allowed:
+        names = ", ".join(repr(p) for p in allowed)
+        raise ValueError(f"thread_policy must be {names} or None, got {policy!r}")
 
 
 def set_thread_policy(policy: Optional[str]) -> bool:
@@ -52,7 +55,7 @@ def set_thread_policy(policy: Optional[str]) -> bool:
     Returns ``False`` for ``None``, and where the system has no such policy or refuses it
     (a sandbox may forbid ``sched_setscheduler``): the thread then keeps the one it has.
     """
-    _check_policy(policy)
+    check_thread_policy(policy)
     if policy is None:
         return False
     setscheduler = getattr(os, "sched_setscheduler", None)
@@ -117,7 +120,7 @@ class ThreadPool:
             raise ValueError("max_idle must be >= 0")
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
-        _check_policy(thread_policy)
+        check_thread_policy(thread_policy)
         #: The scheduling policy each thread sets for itself when it starts.
         self.thread_policy = thread_policy
         self.max_idle = max_idle

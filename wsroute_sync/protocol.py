@@ -44,6 +44,8 @@ __all__ = [
     "accept_upgrade",
     "rejection_response",
     "MessageStream",
+    "PreparedMessage",
+    "data_frame",
     "CLOSE_GOING_AWAY",
 ]
 
@@ -679,20 +681,8 @@ class MessageStream:
         Raises wsproto's ``LocalProtocolError`` once closing has started.
         """
         if self._fast and self.writable:
-            # An unfragmented server frame: FIN, no RSV, no mask (RFC 6455 5.2). This is
-            # what wsproto's serialiser writes for it; wsproto keeps no state for it.
-            if type(data) is str:
-                payload = data.encode("utf-8")
-                first = _FIN_TEXT
-            else:
-                payload = data  # type: ignore[assignment]
-                first = _FIN_BINARY
-            n = len(payload)
-            if n < 126:
-                return bytes((first, n)) + payload
-            if n < 65536:
-                return bytes((first, 126)) + n.to_bytes(2, "big") + payload
-            return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+            # What wsproto's serialiser writes for it; wsproto keeps no state for it.
+            return data_frame(data)
         if self._peer_closed:
             raise LocalProtocolError("the peer has closed: no data after its Close")
         return self._ws.send(
@@ -735,3 +725,44 @@ class MessageStream:
             return b""
         finally:
             self.writable = self._ws.state is ConnectionState.OPEN
+
+
+def data_frame(data: Message) -> bytes:
+    """The unfragmented, unmasked server frame for a message with no extension: text for
+    ``str``, binary for bytes (RFC 6455 5.2; 5.1: servers do not mask)."""
+    if type(data) is str:
+        payload = data.encode("utf-8")
+        first = _FIN_TEXT
+    else:
+        payload = data  # type: ignore[assignment]
+        first = _FIN_BINARY
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+class PreparedMessage:
+    """A message about to go to many connections (fan-out), framed once for all of them.
+
+    Every stream without an extension writes the same bytes for it, so the frame is
+    made on first use and shared; a compressing stream frames its own copy.
+    """
+
+    __slots__ = ("data", "_frame")
+
+    def __init__(self, data: Message) -> None:
+        self.data = data
+        self._frame: Optional[bytes] = None
+
+    def frame_for(self, stream: MessageStream) -> bytes:
+        """The frame ``stream`` writes for this message (the caller serialises ``stream``
+        and has checked that it is still open)."""
+        if stream.plain:
+            frame = self._frame
+            if frame is None:
+                frame = self._frame = data_frame(self.data)
+            return frame
+        return stream.send(self.data)

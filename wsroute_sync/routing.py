@@ -25,6 +25,7 @@ __all__ = [
     "parse_request",
     "error_envelope",
     "encode_result",
+    "as_message",
     "resolve_handler",
     "Dispatcher",
     "INTERNAL_ERROR_MESSAGE",
@@ -386,3 +387,21 @@ class Dispatcher:
                 _quote_route(route), type(result).__name__, exc_info=True,
             )
         return self._error(connection, "bad_result", INTERNAL_ERROR_MESSAGE, text)
+
+
+def as_message(message: Any) -> Message:
+    """A message pushed to clients (``send``, broadcast): ``str`` as text, bytes-like as
+    binary, anything else as JSON text.
+
+    Raises ``UnicodeEncodeError`` for text with no UTF-8 form (lone surrogates) and
+    ``TypeError``/``ValueError`` for values JSON cannot encode, before anything is written.
+    """
+    if isinstance(message, str):
+        if not message.isascii():
+            message.encode("utf-8")
+        return message
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message)
+    encoded = encode_result(message, True)
+    assert isinstance(encoded, str)
+    return encoded

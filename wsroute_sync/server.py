@@ -14,7 +14,6 @@ needs it.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import logging
@@ -25,142 +24,44 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .backplane import Backplane, BackplaneMessage
-from .connection import UNKNOWN_TIMEOUT, ServerConnection, prepare_listener
+from .admission import PendingHandshakes, default_max_pending
+from .backplane import Backplane
+from .connection import UNKNOWN_TIMEOUT, Progress, ServerConnection, answer_and_close
 from .context import Context
 from .errors import HandshakeRejected
 from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
+from .fanout import FanOut, drive
+from .limits import PerClientCounter, client_address
+from .listen import open_listener, prepare_listener
 from .metrics import Totals, render_prometheus
 from .pool import ThreadPool
-from .routing import Dispatcher, Handler, encode_result, resolve_handler
+from .reaper import Reaper
+from .routing import Dispatcher, Handler, resolve_handler
 
-__all__ = ["Server", "parse_address", "MessageHandler", "HTTPHandler"]
+__all__ = ["Server", "MessageHandler", "HTTPHandler"]
 
 #: A raw message hook: ``message_handler(connection, message) -> reply or None``.
 MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
 #: A plain HTTP page: ``handler(request) -> (status, content_type, body)``.
 HTTPHandler = Callable[[HTTPRequest], Tuple[int, str, Union[bytes, str]]]
 
-# Refused connections (over the limit) wait in the accept loop's selector for the
-# client to read the 503 and hang up; past this many they are closed at once.
-_MAX_LINGERING = 512
-_LINGER_SECONDS = 2.0
+# What the accept loop's selector keys carry besides the pending handshakes' sockets.
+_LISTENER = "listener"
+_WAKE = "wake"
+# close(timeout) waits this much past its deadline for the threads of the connections it
+# had to abort (a handler that is still running is not waited for).
+_ABORT_MARGIN = 0.5
 # Accepting in batches keeps a burst of connects from starving the wake-up pipe.
 _ACCEPT_BATCH = 64
-_LISTEN_BACKLOG = 1024
 # Connection threads kept for reuse once their connection ends (see pool.py), and how
 # long one waits for the next connection before it exits.
 _MAX_IDLE_THREADS = 64
 _IDLE_THREAD_SECONDS = 30.0
-
-
-def _as_message(message: Any) -> Message:
-    """``str`` and bytes-like as they are; anything else as JSON text."""
-    if isinstance(message, str):
-        if not message.isascii():
-            message.encode("utf-8")  # lone surrogates: UnicodeEncodeError before any write
-        return message
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        return bytes(message)
-    encoded = encode_result(message, True)
-    assert isinstance(encoded, str)
-    return encoded
-
-
-def _in_room(room: Optional[str], predicate: Optional[Callable[[ServerConnection], bool]]
-             ) -> Callable[[ServerConnection], bool]:
-    if predicate is None:
-        return lambda connection: room in connection.rooms
-    return lambda connection: room in connection.rooms and predicate(connection)
-
-
-def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
-    """Parse ``":8080"``, ``"host:port"``, ``"[::1]:port"`` or ``"unix:/path"``.
-
-    An empty host listens on every interface (IPv6 and IPv4 where the system has a dual
-    stack), as Go's ``net.Listen("tcp", ":8080")`` does.
-    """
-    if not isinstance(addr, str):
-        raise TypeError(f"address must be a string like ':8080', not {type(addr).__name__}")
-    if addr.startswith("unix:"):
-        path = addr[len("unix:"):]
-        if not path:
-            raise ValueError("unix: address needs a path, e.g. 'unix:/tmp/app.sock'")
-        return socket.AF_UNIX, path
-    host, sep, port_text = addr.rpartition(":")
-    if not sep:
-        raise ValueError(f"address {addr!r} has no port; use ':8080' or 'host:8080'")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"address {addr!r} has an invalid port {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, (host[1:-1], port)
-    if ":" in host:
-        raise ValueError(f"write IPv6 addresses in brackets: '[{host}]:{port}'")
-    return socket.AF_INET, (host, port)
-
-
-class _Reaper:
-    """One thread for the whole server that drops connections whose Close went unanswered.
-
-    A Close started from another thread (``server.close()``, ``connection.close()``)
-    cannot shorten the read timeout the connection thread is already blocked in, so the
-    deadline is kept here instead of in a timer per connection.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._heap: List[Tuple[float, int, ServerConnection]] = []
-        self._cond = threading.Condition(threading.Lock())
-        self._counter = itertools.count()
-        self._thread: Optional[threading.Thread] = None
-        self._stopped = False
-        self._name = name
-
-    def schedule(self, connection: ServerConnection, delay: float) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._counter), connection))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._heap.clear()
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, _, connection = self._heap[0]
-                delay = deadline - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-                if not connection.finished:
-                    connection._logger.info(
-                        "connection %s: no Close answer within close_timeout, dropping",
-                        connection.id,
-                    )
-                    connection._abort()
 
 
 class Server:
@@ -175,6 +76,21 @@ class Server:
         max_message_size: bytes in one message, after reassembly and decompression
             (default 1 MiB); more closes the connection with 1009.
         max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431.
+        max_pending_handshakes: accepted sockets still waiting for their request head (or
+            TLS handshake); they wait in the accept loop, without a thread or a slot.
+            Past it the oldest is dropped. ``"auto"`` (default): what the process's file
+            descriptor limit leaves beside ``max_connections``; ``None``: no bound.
+
+    Per-client limits (off by default):
+        max_connections_per_ip: open connections from one client address; one more
+            gets HTTP 429 "Too many connections from this address" before any upgrade.
+        message_rate, message_burst: messages per second a connection may send (a token
+            bucket holding ``message_burst`` tokens, default ``max(1, message_rate)``);
+            a message over it is not handled and gets the error envelope
+            ``{"code":1,"msg":"rate limit exceeded","data":null}``.
+        trusted_proxies: addresses or networks (``"10.0.0.0/8"``) of proxies whose
+            ``client_ip_header`` (default ``X-Forwarded-For``) names the client; from
+            any other peer the header is ignored and the peer's address counts.
 
     Timeouts (seconds):
         handshake_timeout: to receive the whole request head (default 10); else 408.
@@ -230,6 +146,13 @@ class Server:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        max_pending_handshakes: Union[int, str, None] = "auto",
+        # Per-client limits
+        max_connections_per_ip: Optional[int] = None,
+        message_rate: Optional[float] = None,
+        message_burst: Optional[int] = None,
+        trusted_proxies: Optional[Sequence[str]] = None,
+        client_ip_header: str = "X-Forwarded-For",
         # Timeouts
         handshake_timeout: Optional[float] = 10.0,
         ping_interval: Optional[float] = 20.0,
@@ -260,6 +183,12 @@ class Server:
             max_connections=max_connections,
             max_message_size=max_message_size,
             max_header_size=max_header_size,
+            max_pending_handshakes=max_pending_handshakes,
+            max_connections_per_ip=max_connections_per_ip,
+            message_rate=message_rate,
+            message_burst=message_burst,
+            trusted_proxies=trusted_proxies,  # type: ignore[arg-type]
+            client_ip_header=client_ip_header,
             handshake_timeout=handshake_timeout,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -279,7 +208,7 @@ class Server:
             logger=logger,
         )
         if backplane is not None:
-            backplane._attach(self)
+            backplane.attach(self)
         if message_handler is not None and not callable(message_handler):
             raise TypeError("message_handler must be callable or None")
         self.logger: Union[logging.Logger, logging.LoggerAdapter] = (  # type: ignore[type-arg]
@@ -294,10 +223,15 @@ class Server:
         self._dispatcher = Dispatcher(
             no_routes.get, Context, logger=self.logger, handler_timeout=handler_timeout
         )
-        self._message_handler: MessageHandler = (
+        #: The reply to one message, called by connection threads (the ConnectionOwner
+        #: interface): JSON routing, or the raw ``message_handler``.
+        self.handle_message: MessageHandler = (
             message_handler if message_handler is not None else self._dispatcher.dispatch
         )
         # Connections: slots, and the live ones by id.
+        self._per_ip = (None if max_connections_per_ip is None
+                        else PerClientCounter(max_connections_per_ip))
+        self._ip_of: Dict[str, str] = {}  # connection id -> the address it counts under
         self._slots = threading.BoundedSemaphore(max_connections)
         self._connections: Dict[str, ServerConnection] = {}
         self._connections_lock = threading.Lock()
@@ -312,10 +246,14 @@ class Server:
         self._wake_r: Optional[socket.socket] = None
         self._wake_w: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
-        self._accept_done = threading.Event()
         self._closing = False
         self._closed = threading.Event()
-        self._reaper = _Reaper("wsroute_sync-reaper")
+        self._reaper = Reaper("wsroute_sync-reaper", self.logger)
+        self._fanout = FanOut(
+            connections=lambda: self.connections, lookup=self._lookup_connection,
+            instance_id=lambda: self._id_prefix[:-1], backplane=backplane,
+            write_timeout=write_timeout, logger=self.logger,
+        )
         self._pool = ThreadPool(
             max_idle=min(_MAX_IDLE_THREADS, max_connections), idle_timeout=_IDLE_THREAD_SECONDS,
             # "auto" is "batch" here; a worker process sets its pool back (workers.py).
@@ -394,6 +332,10 @@ class Server:
         with self._connections_lock:
             return list(self._connections.values())
 
+    def _lookup_connection(self, connection_id: str) -> Optional[ServerConnection]:
+        with self._connections_lock:
+            return self._connections.get(connection_id)
+
     @property
     def active_connections(self) -> int:
         with self._connections_lock:
@@ -411,33 +353,20 @@ class Server:
         ``predicate`` picks).
 
         Safe from any thread; closed connections are skipped without raising. ``str``
-        goes as text, bytes as binary, anything else as JSON text. Writes never block on
-        one client: every socket is written without waiting, and clients whose buffers
+        goes as text, bytes as binary, anything else as JSON text (``ValueError`` for a
+        value JSON cannot encode). Writes never block on one client: the message is
+        framed once, every socket is written without waiting, and clients whose buffers
         are full are served as they drain, together, for at most ``timeout`` seconds
         (default ``write_timeout``, else 10). A client still behind after that cannot
-        take even a Close frame, so it is disconnected and logged. Returns how many
-        connections **of this instance** received the whole message.
+        take even a Close frame, so it is disconnected and logged. A frame never lands
+        inside another: a client busy with a large reply gets the broadcast after it.
+        Returns how many connections **of this instance** received the whole message.
 
         With a ``backplane``, the message is then published, and every other instance
         delivers it to its own clients (in ``room``, if given). A ``predicate`` is a
         local function that cannot travel: a broadcast with one stays on this instance.
         """
-        data = _as_message(message)
-        if room is not None and not isinstance(room, str):
-            raise TypeError(f"room must be a str, not {type(room).__name__}")
-        # Local clients first and directly: they never wait for, nor depend on, the
-        # backplane; other instances ignore what we publish back to us.
-        sent = self._broadcast_local(
-            data, predicate=predicate if room is None else _in_room(room, predicate),
-            timeout=timeout,
-        )
-        backplane = self.options.backplane
-        if backplane is not None and predicate is None:
-            backplane.publish(BackplaneMessage(
-                "broadcast" if room is None else "room", data, target=room,
-                origin=self._id_prefix[:-1],
-            ))
-        return sent
+        return self._fanout.broadcast(message, room=room, predicate=predicate, timeout=timeout)
 
     def send_to(self, connection_id: str, message: Any) -> bool:
         """Send ``message`` to the client with this connection id, wherever it is.
@@ -448,120 +377,7 @@ class Server:
         (delivery over there is not confirmed), ``False`` if the client is not connected
         here and no backplane could take it.
         """
-        data = _as_message(message)
-        with self._connections_lock:
-            connection = self._connections.get(connection_id)
-        if connection is not None:
-            return connection._send(data)
-        owner = connection_id.rpartition("-")[0] if isinstance(connection_id, str) else ""
-        backplane = self.options.backplane
-        if backplane is None or not owner or owner == self._id_prefix[:-1]:
-            return False
-        return backplane.publish(BackplaneMessage(
-            "send_to", data, target=connection_id, origin=self._id_prefix[:-1],
-            destination=owner,
-        ))
-
-    def _deliver_remote(self, message: BackplaneMessage) -> None:
-        """A message another instance published: to our own clients, on the backplane's
-        thread."""
-        if message.kind == "send_to":
-            with self._connections_lock:
-                connection = self._connections.get(message.target or "")
-            if connection is not None:
-                connection._send(message.data)
-            return
-        predicate = _in_room(message.target, None) if message.kind == "room" else None
-        self._broadcast_local(message.data, predicate=predicate)
-
-    def _broadcast_local(
-        self,
-        message: Any,
-        *,
-        predicate: Optional[Callable[[ServerConnection], bool]] = None,
-        timeout: Optional[float] = None,
-    ) -> int:
-        """:meth:`broadcast` to this instance's clients only."""
-        data = _as_message(message)
-        limit = timeout if timeout is not None else (self.options.write_timeout or 10.0)
-        deadline = time.monotonic() + limit
-        shared: Dict[bool, bytes] = {}  # one frame for every connection on the fast path
-        waiting: List[ServerConnection] = []  # their own thread is writing: try again
-        writing: Dict[socket.socket, Tuple[ServerConnection, memoryview]] = {}
-        sent = 0
-
-        def start(connection: ServerConnection) -> None:
-            nonlocal sent
-            frame = connection._frame_shared(data, shared)
-            if frame is None:
-                connection._send_lock.release()
-                return
-            rest = connection._write_nowait(memoryview(frame))
-            if rest is None:
-                connection._send_lock.release()
-            elif len(rest) == 0:
-                connection.metrics.messages_out += 1
-                connection._send_lock.release()
-                sent += 1
-            else:
-                writing[connection._sock] = (connection, rest)
-
-        for connection in self.connections:
-            if not connection.open or (predicate is not None and not predicate(connection)):
-                continue
-            if connection._send_lock.acquire(blocking=False):
-                start(connection)
-            else:
-                waiting.append(connection)
-        if not waiting and not writing:
-            return sent
-        selector = selectors.DefaultSelector()
-        try:
-            for sock in writing:
-                selector.register(sock, selectors.EVENT_WRITE)
-            while (waiting or writing) and time.monotonic() < deadline:
-                for connection in list(waiting):
-                    if connection._send_lock.acquire(blocking=False):
-                        waiting.remove(connection)
-                        start(connection)
-                        if connection._sock in writing:
-                            selector.register(connection._sock, selectors.EVENT_WRITE)
-                if not writing:
-                    if waiting:
-                        # Only locks to wait for: a short pause, bounded by the deadline.
-                        waiting[0]._send_lock.acquire(timeout=min(0.005, limit))
-                        waiting[0]._send_lock.release()
-                    continue
-                wait = max(0.0, min(deadline - time.monotonic(), 0.005 if waiting else 1.0))
-                for key, _ in selector.select(wait):
-                    sock = cast(socket.socket, key.fileobj)
-                    connection, rest = writing[sock]
-                    left = connection._write_nowait(rest)
-                    if left is None or len(left) == 0:
-                        selector.unregister(sock)
-                        del writing[sock]
-                        if left is not None:
-                            connection.metrics.messages_out += 1
-                            sent += 1
-                        connection._send_lock.release()
-                    else:
-                        writing[sock] = (connection, left)
-        finally:
-            selector.close()
-            for connection, _ in writing.values():
-                self.logger.warning(
-                    "connection %s: too slow to take a broadcast within %.3gs; dropping it",
-                    connection.id, limit,
-                )
-                connection._write_failed("broadcast write timed out")
-                connection._send_lock.release()
-            for connection in waiting:
-                self.logger.warning(
-                    "connection %s: busy writing for %.3gs, broadcast not delivered; dropping it",
-                    connection.id, limit,
-                )
-                connection._abort()
-        return sent
+        return self._fanout.send_to(connection_id, message)
 
     def stats(self) -> Dict[str, Any]:
         """The server's numbers: connections, messages, errors, handler latency."""
@@ -612,45 +428,13 @@ class Server:
                 raise RuntimeError("the server is closed; make a new one")
             if self._listener is not None:
                 raise RuntimeError("the server is already listening")
-            family, address = parse_address(addr)
-            if family == socket.AF_UNIX:
-                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    if os.path.exists(address):
-                        os.unlink(address)  # a stale socket file from an earlier run
-                    listener.bind(address)
-                    listener.listen(_LISTEN_BACKLOG)
-                except BaseException:
-                    listener.close()
-                    raise
-                self._unix_path = address
-                self.address = address
-            else:
-                host, port = address
-                if host == "":
-                    if socket.has_dualstack_ipv6():
-                        listener = socket.create_server(
-                            ("", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                            backlog=_LISTEN_BACKLOG, reuse_port=reuse_port,
-                        )
-                    else:  # pragma: no cover - depends on the system
-                        listener = socket.create_server(("0.0.0.0", port),
-                                                        backlog=_LISTEN_BACKLOG,
-                                                        reuse_port=reuse_port)
-                else:
-                    infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
-                    fam = infos[0][0]
-                    listener = socket.create_server(
-                        infos[0][4][:2], family=fam, backlog=_LISTEN_BACKLOG,
-                        reuse_port=reuse_port,
-                    )
-                self.address = listener.getsockname()[:2]
-            listener.setblocking(False)
+            listener, self.address = open_listener(addr, reuse_port=reuse_port)
+            if listener.family == socket.AF_UNIX:
+                self._unix_path = self.address
             if ssl_context is None and prepare_listener(
-                listener, read_timeout=self.options.handshake_timeout,
-                write_timeout=self.options.write_timeout,
+                listener, read_timeout=self.options.ping_interval
             ):
-                self._accepted_read_timeout = self.options.handshake_timeout
+                self._accepted_read_timeout = self.options.ping_interval
             self._listener = listener
             self._ssl_context = ssl_context
             self._wake_r, self._wake_w = socket.socketpair()
@@ -659,16 +443,17 @@ class Server:
         self.logger.info("server listening on %s", self.url)
         if self.options.backplane is not None:
             # Never raises for an unreachable peer: local delivery starts regardless.
-            self.options.backplane.start(self._id_prefix[:-1], self._deliver_remote)
+            self.options.backplane.start(self._id_prefix[:-1], self._fanout.deliver_remote)
 
-    def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None
-              ) -> "Server":
+    def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None,
+              reuse_port: bool = False) -> "Server":
         """Listen on ``addr`` and serve in a background thread; return once listening.
 
         ``server.address`` then holds the bound ``(host, port)``. Stop with :meth:`close`
-        or use the server as a context manager.
+        or use the server as a context manager. ``reuse_port``: share the port with other
+        processes (``SO_REUSEPORT``), as the worker processes of ``serve(workers=N)`` do.
         """
-        self._listen(addr, ssl_context)
+        self._listen(addr, ssl_context, reuse_port=reuse_port)
         thread = threading.Thread(target=self._accept_loop, name="wsroute_sync-accept")
         self._accept_thread = thread
         thread.start()
@@ -694,6 +479,35 @@ class Server:
         self._accept_loop()
         self._closed.wait()
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closing
+
+    def attach_supervisor(self, supervisor: Any, *, ssl_context: Optional[ssl.SSLContext]
+                          ) -> None:
+        """Hand this server to a supervisor of worker processes (workers.py): it does not
+        listen itself, and :meth:`close` stops the supervisor."""
+        with self._state_lock:
+            if self._closing:
+                raise RuntimeError("the server is closed; make a new one")
+            if self._listener is not None or self._supervisor is not None:
+                raise RuntimeError("the server is already listening")
+            self._supervisor = supervisor
+            self._ssl_context = ssl_context  # for url's scheme only
+
+    def enter_worker_process(self) -> None:
+        """Make this copy of the server, in a freshly forked worker process, its own:
+        its own connection ids (and backplane instance id), no supervisor, and, under
+        ``thread_policy="auto"``, threads under the normal scheduling policy."""
+        self._supervisor = None
+        if self.options.thread_policy == "auto":
+            # Worker processes keep every core busy, and there a thread handed the GIL
+            # must be able to preempt to run soon: two workers on two cores with batch
+            # measured 72-78k round trips/s at 50 connections against 84-103k without.
+            self._pool.thread_policy = None
+        self._id_prefix = secrets.token_hex(4) + "-"
+
     def wait_closed(self, timeout: Optional[float] = None) -> bool:
         """Block until :meth:`close` has finished; ``False`` if ``timeout`` ran out."""
         finished = self._closed.wait(timeout)
@@ -711,10 +525,13 @@ class Server:
     def close(self, timeout: Optional[float] = 10.0) -> None:
         """Shut down gracefully; idempotent and safe from any thread, handlers included.
 
-        Stops accepting, sends Close 1001 (going away) to every open connection, waits
-        for the connection threads up to ``timeout`` seconds (dropping connections that
-        do not finish their closing handshake within ``close_timeout``), and logs those
-        it could not finish. A handler calling it does not wait for its own connection.
+        Stops accepting, starts the closing handshake (Close 1001, going away) with every
+        open connection at once, waits for the clients' answers up to ``close_timeout``,
+        drops the connections still open, and waits for their threads. The whole of it
+        is bounded by ``timeout`` seconds (``None``: no bound), plus at most half a
+        second for the threads of connections it had to drop; a handler still running
+        then is logged, not waited for. A handler calling it does not wait for its own
+        connection.
         """
         with self._state_lock:
             first = not self._closing
@@ -725,6 +542,10 @@ class Server:
             return
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+
+        def left(until: Optional[float]) -> Optional[float]:
+            return None if until is None else max(0.0, until - time.monotonic())
+
         self.logger.info("server closing")
         if self._supervisor is not None:
             self._supervisor.stop(timeout)  # worker processes: each closes its clients
@@ -735,33 +556,44 @@ class Server:
                 pass
         accept_thread = self._accept_thread
         if accept_thread is not None and accept_thread is not threading.current_thread():
-            accept_thread.join()
+            accept_thread.join(left(deadline))
         if self.options.backplane is not None:
             self.options.backplane.close()  # no more deliveries from other instances
         with self._connections_lock:
             # No connection is registered once _closing is set, so this list is final.
             connections = list(self._connections.values())
-        current = threading.current_thread()
-        for connection in connections:
-            # Do not queue behind a thread stuck writing to a slow client for long.
-            connection._start_close(CLOSE_GOING_AWAY, "server shutting down", lock_timeout=0.5)
         close_timeout = self.options.close_timeout
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
             grace_end = min(grace_end, deadline)
+        # Every Close frame is started before any is waited for: a client that stopped
+        # reading delays nobody else.
+        pending = []
+        for connection in connections:
+            state, ticket = connection.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
+            if state is Progress.WAIT_WRITABLE or state is Progress.WAIT_WRITER:
+                pending.append((connection, ticket))
+        if pending:
+            _, unfinished = drive(pending, grace_end)
+            for connection in unfinished:
+                connection.abort()  # cannot take a Close frame: nothing more to say
+        current = threading.current_thread()
         # A connection whose thread has not started yet has no thread: it is waited for.
         others = [c for c in connections if c.thread is not current]
         for connection in others:
-            connection.wait_finished(max(0.0, grace_end - time.monotonic()))
+            connection.wait_finished(left(grace_end))
         for connection in others:
             if not connection.finished:
-                connection._abort()  # unblocks its read; a running handler still finishes
+                connection.abort()  # unblocks its read; a running handler still finishes
+        # Aborted connections cannot block any more (their sockets are shut down), but
+        # their threads still need a moment to run to their end: a short margin past
+        # the deadline, so that a close(timeout) that had to abort still finishes them.
+        margin_end = None if deadline is None else max(deadline, time.monotonic()) + _ABORT_MARGIN
         for connection in others:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            connection.wait_finished(remaining)
+            connection.wait_finished(left(margin_end))
         stuck = [c for c in others if not c.finished]
         # The pooled threads, idle or finishing a connection, end too.
-        self._pool.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._pool.close(left(margin_end))
         for connection in stuck:
             self.logger.warning(
                 "connection %s did not finish within %ss (a handler still running?)",
@@ -787,60 +619,78 @@ class Server:
         with self._connections_lock:
             return any(c.thread is current for c in self._connections.values())
 
-    # The accept loop.
+    # The accept loop and admission.
 
     def _accept_loop(self) -> None:
         listener = self._listener
         wake = self._wake_r
         assert listener is not None and wake is not None
         selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ, "listener")
-        selector.register(wake, selectors.EVENT_READ, "wake")
-        lingering: Dict[socket.socket, float] = {}
+        selector.register(listener, selectors.EVENT_READ, _LISTENER)
+        selector.register(wake, selectors.EVENT_READ, _WAKE)
+        options = self.options
+
+        def on_head(sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes
+                    ) -> None:
+            refusal, connection = self._admit(sock, remote, request, rest,
+                                              self._accepted_read_timeout)
+            if connection is None:
+                assert refusal is not None
+                pending.refuse(sock, refusal)
+                return
+            try:
+                self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
+            except RuntimeError as exc:  # "can't start new thread": out of memory or limits
+                self.logger.error("cannot start a connection thread: %s", exc)
+                self.connection_done(connection)
+                pending.refuse(sock, http_response(503, "server overloaded\n",
+                                                   headers=[("Retry-After", "1")]))
+
+        pending = PendingHandshakes(
+            selector, ssl_context=self._ssl_context,
+            handshake_timeout=options.handshake_timeout,
+            max_header_size=options.max_header_size,
+            max_pending=self._max_pending(),
+            logger=self.logger, on_head=on_head,
+        )
         paused_until: Optional[float] = None
         try:
             while not self._closing:
-                now = time.monotonic()
-                timeouts = [d - now for d in lingering.values()]
+                timeout = pending.timeout()
                 if paused_until is not None:
-                    timeouts.append(paused_until - now)
-                timeout = max(0.0, min(timeouts)) if timeouts else None
-                for key, _ in selector.select(timeout):
-                    if key.data == "wake":
+                    pause = max(0.0, paused_until - time.monotonic())
+                    timeout = pause if timeout is None else min(timeout, pause)
+                for key, events in selector.select(timeout):
+                    if key.data is _WAKE:
                         try:
                             wake.recv(64)
                         except OSError:
                             pass
-                    elif key.data == "listener":
-                        if not self._accept_batch(listener, selector, lingering):
+                    elif key.data is _LISTENER:
+                        if not self._accept_batch(listener, pending):
                             # Out of file descriptors: stop watching the listener for
                             # a moment instead of spinning on a socket we cannot accept.
                             selector.unregister(listener)
                             paused_until = time.monotonic() + 0.1
                     else:
-                        self._drain_refused(key.fileobj, selector, lingering)  # type: ignore[arg-type]
-                now = time.monotonic()
-                if paused_until is not None and now >= paused_until:
-                    selector.register(listener, selectors.EVENT_READ, "listener")
+                        pending.handle(key, events)
+                pending.expire()
+                if paused_until is not None and time.monotonic() >= paused_until:
+                    selector.register(listener, selectors.EVENT_READ, _LISTENER)
                     paused_until = None
-                for sock, deadline in list(lingering.items()):
-                    if now >= deadline:
-                        selector.unregister(sock)
-                        del lingering[sock]
-                        sock.close()
         finally:
-            for sock in lingering:
-                sock.close()
+            pending.close()
             selector.close()
             listener.close()
-            self._accept_done.set()
 
-    def _accept_batch(
-        self,
-        listener: socket.socket,
-        selector: selectors.BaseSelector,
-        lingering: Dict[socket.socket, float],
-    ) -> bool:
+    def _max_pending(self) -> Optional[int]:
+        configured = self.options.max_pending_handshakes
+        if configured == "auto":
+            return default_max_pending(self.options.max_connections)
+        assert configured is None or isinstance(configured, int)
+        return configured
+
+    def _accept_batch(self, listener: socket.socket, pending: PendingHandshakes) -> bool:
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, remote = listener.accept()
@@ -849,113 +699,103 @@ class Server:
             except OSError as exc:
                 self.logger.error("accept failed: %s; pausing accepts for 0.1s", exc)
                 return False
-            self._admit(sock, remote, selector, lingering)
+            # No slot and no thread yet: the request head (and TLS handshake) is awaited
+            # in this loop's selector, so a client that sends nothing costs a socket only.
+            pending.add(sock, remote)
         return True
 
-    def _admit(
-        self,
-        sock: socket.socket,
-        remote: Any,
-        selector: selectors.BaseSelector,
-        lingering: Dict[socket.socket, float],
-    ) -> None:
+    def _admit(self, sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes,
+               inherited_read_timeout: Optional[float]
+               ) -> Tuple[Optional[bytes], Optional[ServerConnection]]:
+        """A slot and a registered connection for a complete request head, or the answer
+        refusing it (503)."""
+        if self._closing:
+            return http_response(503, "server shutting down\n"), None
         if not self._slots.acquire(blocking=False):
-            self._totals.rejected += 1
+            with self._connections_lock:
+                self._totals.rejected += 1
             self.logger.warning(
                 "too many connections (max %d): refusing %s with 503", self.max_connections,
                 remote,
             )
-            self._refuse_over_limit(sock, selector, lingering)
-            return
-        self._totals.accepted += 1
-        if self._ssl_context is not None:
-            sock = self._ssl_context.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
+            return http_response(503, "Too many connections\n",
+                                 headers=[("Retry-After", "1")]), None
+        ip: Optional[str] = None
+        if self._per_ip is not None:
+            options = self.options
+            ip = client_address(request, remote, trusted_proxies=options.trusted_proxies,
+                                header=options.client_ip_header)
+            if not self._per_ip.acquire(ip):
+                self._slots.release()
+                with self._connections_lock:
+                    self._totals.rejected += 1
+                self.logger.warning("too many connections from %s (max %d): refusing with 429",
+                                    ip, options.max_connections_per_ip)
+                return http_response(429, "Too many connections from this address\n",
+                                     headers=[("Retry-After", "1")]), None
         connection = ServerConnection(
-            self, sock, remote, f"{self._id_prefix}{next(self._ids)}"
+            self, sock, remote, f"{self._id_prefix}{next(self._ids)}", request, rest=rest,
+            inherited_read_timeout=inherited_read_timeout,
         )
         with self._connections_lock:
-            if self._closing:
-                registered = False
-            else:
+            if not self._closing:
                 # Registered before it starts, so close() never misses a connection.
                 self._connections[connection.id] = connection
-                registered = True
-        if not registered:
-            self._slots.release()
-            sock.close()
-            return
-        try:
-            self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
-        except RuntimeError as exc:  # "can't start new thread": out of memory or limits
-            self.logger.error("cannot start a connection thread: %s", exc)
-            with self._connections_lock:
-                self._connections.pop(connection.id, None)
-            self._slots.release()
-            sock.close()
+                if ip is not None:
+                    self._ip_of[connection.id] = ip
+                self._totals.accepted += 1
+                return None, connection
+        if ip is not None and self._per_ip is not None:
+            self._per_ip.release(ip)
+        self._slots.release()
+        return http_response(503, "server shutting down\n"), None
 
-    def _refuse_over_limit(
-        self,
-        sock: socket.socket,
-        selector: selectors.BaseSelector,
-        lingering: Dict[socket.socket, float],
-    ) -> None:
-        # Answered from the accept loop itself: no thread is started for a client we
-        # refuse, and a flood of connects cannot make the server exceed its limit.
-        response = http_response(
-            503, "Too many connections\n", headers=[("Retry-After", "1")]
-        )
-        try:
-            sock.setblocking(False)
-            sock.send(response)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            sock.close()
-            return
-        if len(lingering) >= _MAX_LINGERING:
-            sock.close()
-            return
-        selector.register(sock, selectors.EVENT_READ, "refused")
-        lingering[sock] = time.monotonic() + _LINGER_SECONDS
+    def serve_socket(self, sock: socket.socket, remote_address: Any, request: HTTPRequest, *,
+                     rest: bytes = b"") -> None:
+        """Serve one request whose head was already read, in the calling thread, until
+        its connection ends (the WSGI entry point uses it).
 
-    @staticmethod
-    def _drain_refused(
-        sock: socket.socket,
-        selector: selectors.BaseSelector,
-        lingering: Dict[socket.socket, float],
-    ) -> None:
-        try:
-            if sock.recv(65536):
-                return  # the request, still arriving: keep waiting for the hang-up
-        except (BlockingIOError, InterruptedError):
+        Takes a slot (503 when full or closing), answers plain HTTP or runs the
+        handshake (refusals are written to the socket), then serves the WebSocket
+        connection; the socket is closed and the slot freed when it returns. ``rest``
+        holds bytes read past the head. Never raises for a client's fault.
+        """
+        refusal, connection = self._admit(sock, remote_address, request, rest,
+                                          UNKNOWN_TIMEOUT)
+        if connection is None:
+            assert refusal is not None
+            answer_and_close(sock, refusal)
             return
-        except OSError:
-            pass
-        selector.unregister(sock)
-        del lingering[sock]
-        sock.close()
+        connection.run()
 
-    # Called by connections.
+    # Called by connections (the ConnectionOwner interface).
 
-    def _connection_done(self, connection: ServerConnection) -> None:
+    def connection_done(self, connection: ServerConnection) -> None:
+        """A connection has ended: forget it, count it, free its slot."""
         with self._connections_lock:
             self._connections.pop(connection.id, None)
+            ip = self._ip_of.pop(connection.id, None)
             self._totals.add(connection.metrics)
+        if ip is not None and self._per_ip is not None:
+            self._per_ip.release(ip)
         self._slots.release()
         self.logger.debug(
             "connection %s: closed (%s %s)", connection.id, connection.close_code,
             connection.close_reason,
         )
 
-    def _schedule_abort(self, connection: ServerConnection) -> None:
+    def expect_close(self, connection: ServerConnection) -> None:
+        """Drop ``connection`` if its closing handshake is not over within close_timeout."""
         if self.options.close_timeout is not None:
             self._reaper.schedule(connection, self.options.close_timeout)
 
-    def _authenticate(self, request: HTTPRequest) -> Any:
-        assert self.options.authenticate is not None
+    def authenticate(self, request: HTTPRequest) -> Any:
+        """Run the ``authenticate`` hook: the identity, or ``HandshakeRejected``."""
+        hook = self.options.authenticate
+        if hook is None:
+            return None
         try:
-            identity = self.options.authenticate(request)
+            identity = hook(request)
         except HandshakeRejected:
             raise
         except Exception as exc:
@@ -965,7 +805,7 @@ class Server:
             raise HandshakeRejected(403, "forbidden")
         return identity
 
-    def _plain_http(self, request: HTTPRequest) -> bytes:
+    def http_answer(self, request: HTTPRequest) -> bytes:
         """The answer to a request that does not ask for a WebSocket upgrade."""
         options = self.options
         head_only = request.method == "HEAD"

@@ -37,7 +37,6 @@ cannot be shared this way and raise ``ValueError``.
 from __future__ import annotations
 
 import os
-import secrets
 import selectors
 import signal
 import socket
@@ -46,14 +45,38 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from .server import parse_address
+from .listen import parse_address
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
 
-__all__ = ["Supervisor", "serve_workers", "run_from_cli", "check_workers", "reuse_port_supported",
+class WorkerServer(Protocol):
+    """What the workers need of the server they run (the server implements it)."""
+
+    options: Any
+    address: Any
+
+    @property
+    def logger(self) -> Any: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def start(self, addr: str = ..., *, ssl_context: Optional[ssl.SSLContext] = ...,
+              reuse_port: bool = ...) -> Any: ...
+
+    def close(self, timeout: Optional[float] = ...) -> None: ...
+
+    def attach_supervisor(self, supervisor: Any, *, ssl_context: Optional[ssl.SSLContext]
+                          ) -> None: ...
+
+    def enter_worker_process(self) -> None: ...
+
+
+__all__ = ["Supervisor", "WorkerServer", "serve_workers", "run_from_cli", "check_workers", "reuse_port_supported",
            "EXIT_NOT_SERVING"]
 
 _MIN_BACKOFF = 0.1
@@ -105,7 +128,7 @@ class Supervisor:
     ``server.serve(addr, workers=N)`` makes one and runs it; most code never needs it.
     """
 
-    def __init__(self, server: "Server", addr: str, workers: int, *,
+    def __init__(self, server: WorkerServer, addr: str, workers: int, *,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.server = server
         self.workers = check_workers(workers)
@@ -171,7 +194,12 @@ class Supervisor:
         else:
             self._worker_addr = f"{bound_host}:{bound_port}"
         self.server.address = (bound_host, bound_port)
-        self.server._ssl_context = self._ssl_context  # for server.url's scheme only
+
+    def release(self) -> None:
+        """Give back the port :meth:`reserve` bound, when the workers will not start."""
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
 
     def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
         """Fork the workers and supervise them until :meth:`stop` or a signal.
@@ -437,23 +465,14 @@ class Supervisor:
                 os.close(other.pidfd)
         os.close(self._ready_r)
         os.close(self._death_w)
-        server._supervisor = None
-        # thread_policy="auto": no SCHED_BATCH in workers. Worker processes keep every core
-        # busy, and there a thread handed the GIL must be able to preempt to run soon:
-        # two workers on two cores with batch measured 72-78k round trips/s at 50
-        # connections against 84-103k without (benchmarks/README.md).
-        if server.options.thread_policy == "auto":
-            server._pool.thread_policy = None
-        # Connection ids (and the backplane's instance id) must differ between workers.
-        server._id_prefix = secrets.token_hex(4) + "-"
+        # Connection ids must differ between workers; thread_policy="auto" means no
+        # SCHED_BATCH in workers (benchmarks/README.md).
+        server.enter_worker_process()
         try:
-            server._listen(self._worker_addr, self._ssl_context, reuse_port=True)
+            server.start(self._worker_addr, ssl_context=self._ssl_context, reuse_port=True)
         except Exception as exc:
             self._logger.error("worker cannot listen on %s: %s", self._worker_addr, exc)
             return EXIT_NOT_SERVING
-        accept = threading.Thread(target=server._accept_loop, name="wsroute_sync-accept")
-        server._accept_thread = accept
-        accept.start()
         try:
             os.write(self._ready_w, _READY.pack(os.getpid()))
         except OSError:
@@ -468,7 +487,7 @@ class Supervisor:
                     pass
             except OSError:
                 pass
-            if not server._closing:
+            if not server.closing:
                 self._logger.warning("worker pid %d: the supervisor is gone; closing",
                                      os.getpid())
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -480,7 +499,7 @@ class Supervisor:
         return 0
 
 
-def serve_workers(server: "Server", addr: str, workers: int, *,
+def serve_workers(server: WorkerServer, addr: str, workers: int, *,
                   ssl_context: Optional[ssl.SSLContext] = None,
                   ready: Optional[Callable[[str], None]] = None) -> None:
     """``server.serve(addr, workers=N)``: fork N workers and supervise them until closed.
@@ -488,21 +507,21 @@ def serve_workers(server: "Server", addr: str, workers: int, *,
     ``ready(url)`` runs in the parent once every worker listens (the CLI prints the URL).
     """
     supervisor = Supervisor(server, addr, workers, ssl_context=ssl_context)
-    with server._state_lock:
-        if server._closing:
-            raise RuntimeError("the server is closed; make a new one")
-        if server._listener is not None or server._supervisor is not None:
-            raise RuntimeError("the server is already listening")
+    if server.closing:
+        raise RuntimeError("the server is closed; make a new one")
     supervisor.reserve()
-    with server._state_lock:
-        server._supervisor = supervisor
+    try:
+        server.attach_supervisor(supervisor, ssl_context=ssl_context)
+    except RuntimeError:
+        supervisor.release()
+        raise
     try:
         supervisor.run(ready)
     finally:
         server.close()
 
 
-def run_from_cli(server: "Server", addr: str, workers: int) -> int:
+def run_from_cli(server: WorkerServer, addr: str, workers: int) -> int:
     """The command line's ``--workers N``: print ``listening on URL`` once ready."""
 
     def ready(url: str) -> None:

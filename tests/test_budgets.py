@@ -1,0 +1,197 @@
+"""Budgets a client cannot spend for free, over real sockets: slots and threads are taken
+only by complete requests; per-address connection limits; per-connection message rates.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Iterator, List, Tuple
+
+import pytest
+from websockets.sync.client import connect
+
+from conftest import TIMEOUT, _wait_for, make_server, running
+from rawclient import RawClient, handshake_request
+from wsroute_sync import Server
+
+
+@pytest.fixture(scope="module")
+def tls() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+def call_within_a_second(url: str, ssl_context: Any = None) -> float:
+    """Connect, call echo, close: how long it took (the test wants < 1 s every time)."""
+    started = time.monotonic()
+    with connect(url, ssl=ssl_context, open_timeout=TIMEOUT) as ws:
+        ws.send('{"Route":"echo","Params":"hi"}')
+        assert ws.recv(timeout=TIMEOUT) == '"hi"'
+    return time.monotonic() - started
+
+
+def handshake(address: Any, **kwargs: Any) -> RawClient:
+    """A raw client's opening handshake, whatever the answer (``.status``, ``.body``)."""
+    client = RawClient(address)
+    client.sock.sendall(handshake_request(f"{address[0]}:{address[1]}", **kwargs))
+    client.read_response()
+    return client
+
+
+def idle_sockets(address: Any, n: int) -> List[socket.socket]:
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(address, timeout=TIMEOUT)
+        socks.append(sock)
+    return socks
+
+
+def test_idle_sockets_spend_no_slot_and_no_thread() -> None:
+    """10x max_connections sockets that send nothing: a real client still gets in and
+    answered within a second, every time; the idle ones cost no thread."""
+    server = make_server(max_connections=20)
+    with running(server):
+        threads_before = threading.active_count()
+        socks = idle_sockets(server.address, 200)
+        try:
+            for _ in range(10):
+                assert call_within_a_second(server.url) < 1.0
+            # The calls' own pooled threads may linger; 200 idle sockets must not add 200.
+            assert threading.active_count() - threads_before <= 10
+            assert server.active_connections == 0
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_dribbled_heads_and_stalled_tls_spend_no_slot(tls: Any) -> None:
+    """Request heads dribbled a byte at a time, and TLS connections that never finish
+    their handshake, beside a real client on wss://."""
+    server_ctx, client_ctx = tls
+    server = make_server(max_connections=5)
+    server.start("127.0.0.1:0", ssl_context=server_ctx)
+    stop = threading.Event()
+    socks: List[socket.socket] = []
+    try:
+        # TLS clients that never send a ClientHello.
+        socks += idle_sockets(server.address, 30)
+        # TLS clients that complete TLS, then dribble their request head.
+        dribblers: List[ssl.SSLSocket] = []
+        for _ in range(10):
+            raw = socket.create_connection(server.address, timeout=TIMEOUT)
+            dribblers.append(client_ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        head = handshake_request("127.0.0.1")
+
+        def dribble() -> None:
+            for i in range(len(head) - 4):  # never the final blank line
+                for s in dribblers:
+                    try:
+                        s.send(head[i:i + 1])
+                    except OSError:
+                        return
+                if stop.wait(0.2):
+                    return
+
+        t = threading.Thread(target=dribble)
+        t.start()
+        try:
+            for _ in range(5):
+                assert call_within_a_second(server.url, client_ctx) < 1.0
+            # Only the calls took slots, and gave them back (the dribblers hold none).
+            assert _wait_for(lambda: server.active_connections == 0)
+        finally:
+            stop.set()
+            t.join(TIMEOUT)
+            for s in dribblers:
+                s.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close(timeout=TIMEOUT)
+
+
+def test_pending_handshakes_are_bounded_oldest_dropped_first() -> None:
+    server = make_server(max_pending_handshakes=10)
+    with running(server):
+        socks = idle_sockets(server.address, 11)
+        try:
+            # The 11th pushed out the 1st: the server closes it.
+            socks[0].settimeout(TIMEOUT)
+            assert socks[0].recv(1) == b""
+            assert call_within_a_second(server.url) < 1.0
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_connections_per_ip() -> None:
+    server = make_server(max_connections_per_ip=2)
+    with running(server):
+        first = connect(server.url, open_timeout=TIMEOUT)
+        second = connect(server.url, open_timeout=TIMEOUT)
+        try:
+            with handshake(server.address) as third:
+                assert third.status == 429
+                assert b"Too many connections from this address" in third.body
+            first.close()
+            assert _wait_for(lambda: server.active_connections == 1)
+            assert call_within_a_second(server.url) < 1.0
+        finally:
+            first.close()
+            second.close()
+
+
+def test_connections_per_ip_behind_a_trusted_proxy() -> None:
+    server = make_server(max_connections_per_ip=1, trusted_proxies=["127.0.0.1"])
+    with running(server):
+        a = handshake(server.address, extra=[("X-Forwarded-For", "203.0.113.7")])
+        b = handshake(server.address, extra=[("X-Forwarded-For", "203.0.113.8")])
+        c = handshake(server.address, extra=[("X-Forwarded-For", "203.0.113.7")])
+        try:
+            assert (a.status, b.status, c.status) == (101, 101, 429)
+        finally:
+            for client in (a, b, c):
+                client.close()
+
+
+def test_forwarded_header_from_an_untrusted_peer_is_ignored() -> None:
+    server = make_server(max_connections_per_ip=1, trusted_proxies=["192.0.2.1"])
+    with running(server):
+        a = handshake(server.address, extra=[("X-Forwarded-For", "203.0.113.7")])
+        b = handshake(server.address, extra=[("X-Forwarded-For", "203.0.113.8")])
+        try:
+            # Both come from 127.0.0.1, which is no trusted proxy: they count as one.
+            assert (a.status, b.status) == (101, 429)
+        finally:
+            a.close()
+            b.close()
+
+
+def test_message_rate() -> None:
+    server = make_server(message_rate=2.0, message_burst=3)
+    with running(server):
+        with connect(server.url, open_timeout=TIMEOUT) as ws:
+            for n in range(6):
+                ws.send(json.dumps({"Route": "echo", "Params": n}))
+            replies = [ws.recv(timeout=TIMEOUT) for _ in range(6)]
+            assert replies[:3] == ["0", "1", "2"]
+            limited = '{"code":1,"msg":"rate limit exceeded","data":null}'
+            assert limited in replies[3:]
+            # The connection stays usable: once tokens come back, requests are handled.
+            ws.send('{"Route":"echo","Params":"later"}')
+            reply = ws.recv(timeout=TIMEOUT)
+            while reply == limited:
+                threading.Event().wait(0.5)
+                ws.send('{"Route":"echo","Params":"later"}')
+                reply = ws.recv(timeout=TIMEOUT)
+            assert reply == '"later"'
+    assert server.stats()["errors"].get("rate_limited", 0) >= 1

@@ -1,0 +1,112 @@
+"""Listening sockets: parse an address, bind it, and set what accepted sockets inherit."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+from typing import Any, Optional, Tuple
+
+__all__ = ["parse_address", "open_listener", "prepare_listener", "timeval", "LISTEN_BACKLOG"]
+
+LISTEN_BACKLOG = 1024
+
+
+def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
+    """Parse ``":8080"``, ``"host:port"``, ``"[::1]:port"`` or ``"unix:/path"``.
+
+    An empty host listens on every interface (IPv6 and IPv4 where the system has a dual
+    stack), as Go's ``net.Listen("tcp", ":8080")`` does.
+    """
+    if not isinstance(addr, str):
+        raise TypeError(f"address must be a string like ':8080', not {type(addr).__name__}")
+    if addr.startswith("unix:"):
+        path = addr[len("unix:"):]
+        if not path:
+            raise ValueError("unix: address needs a path, e.g. 'unix:/tmp/app.sock'")
+        return socket.AF_UNIX, path
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f"address {addr!r} has no port; use ':8080' or 'host:8080'")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"address {addr!r} has an invalid port {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        return socket.AF_INET6, (host[1:-1], port)
+    if ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets: '[{host}]:{port}'")
+    return socket.AF_INET, (host, port)
+
+
+def open_listener(addr: str, *, reuse_port: bool = False) -> Tuple[socket.socket, Any]:
+    """Bind and listen on ``addr`` (see :func:`parse_address`): the non-blocking listening
+    socket and the bound address (a path for ``unix:``).
+
+    ``reuse_port``: several processes share the port (``SO_REUSEPORT``, the workers).
+    """
+    family, address = parse_address(addr)
+    if family == socket.AF_UNIX:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(address):
+                os.unlink(address)  # a stale socket file from an earlier run
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+        except BaseException:
+            listener.close()
+            raise
+        bound: Any = address
+    else:
+        host, port = address
+        if host == "":
+            if socket.has_dualstack_ipv6():
+                listener = socket.create_server(
+                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                    backlog=LISTEN_BACKLOG, reuse_port=reuse_port,
+                )
+            else:  # pragma: no cover - depends on the system
+                listener = socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG,
+                                                reuse_port=reuse_port)
+        else:
+            infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
+            listener = socket.create_server(
+                infos[0][4][:2], family=infos[0][0], backlog=LISTEN_BACKLOG,
+                reuse_port=reuse_port,
+            )
+        bound = listener.getsockname()[:2]
+    listener.setblocking(False)
+    return listener, bound
+
+
+def timeval(seconds: Optional[float]) -> bytes:
+    # SO_RCVTIMEO takes a struct timeval; zero means "block forever".
+    if seconds is None:
+        return struct.pack("ll", 0, 0)
+    whole = int(seconds)
+    micros = int((seconds - whole) * 1e6)
+    if whole == 0 and micros == 0:
+        micros = 1  # a tiny timeout must not turn into "forever"
+    return struct.pack("ll", whole, micros)
+
+
+def prepare_listener(listener: socket.socket, *, read_timeout: Optional[float]) -> bool:
+    """Set on the listener what every accepted socket needs; ``True`` if they inherit it.
+
+    Linux copies a listening socket's TCP_NODELAY and SO_RCVTIMEO to the sockets
+    ``accept()`` returns, which saves system calls per connection (a measurable share of
+    a short connection's cost). ``read_timeout`` is the connection thread's read timeout
+    (keepalive's ``ping_interval``). Elsewhere each socket sets its own.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if listener.family != socket.AF_UNIX:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(read_timeout))
+    except OSError:  # pragma: no cover - every Linux socket family here has them
+        return False
+    return True
