@@ -1,0 +1,123 @@
+"""The package's layout rules, checked on its source with ``ast``.
+
+- Imports between the package's modules go one way: no cycle, counting imports made
+  only for type checking (a type another module needs comes from a ``Protocol``).
+- No module reads or calls another module's private names: not ``obj._name`` on anything
+  but ``self``/``cls``, and no ``from .module import _name``. Each connection owns its
+  state (DEVELOPERS.md): only ``connection.py`` touches a connection's lock, socket,
+  queue or close state.
+- Every module opens with a docstring that says its job, and has ``__all__``.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "wsroute_sync"
+MODULES = sorted(p for p in PACKAGE.glob("*.py"))
+
+#: Private names a module may use on objects that are not its own, each with why.
+ALLOWED_PRIVATE: Set[Tuple[str, str]] = {
+    # os._exit: the documented way for a forked worker to end without running the
+    # parent's cleanup (atexit handlers, buffered files) a second time.
+    ("workers.py", "_exit"),
+    # namedtuple's documented method (the underscore only keeps it from field names).
+    ("backplane.py", "_replace"),
+    # The client extends simple-websocket's Client, whose reader thread and event
+    # handler are the extension points it has (it documents no public ones).
+    ("client.py", "_thread"),
+    ("client.py", "_handle_events"),
+}
+
+
+def _tree(path: pathlib.Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def _local_imports(path: pathlib.Path) -> Set[str]:
+    """The package modules ``path`` imports, type-checking imports included."""
+    found: Set[str] = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wsroute_sync."):
+            found.add(node.module.split(".")[1])  # type: ignore[union-attr]
+    return {name for name in found if (PACKAGE / f"{name}.py").exists()}
+
+
+def test_no_import_cycles() -> None:
+    graph: Dict[str, Set[str]] = {
+        p.stem: _local_imports(p) - {p.stem} for p in MODULES if p.stem != "__init__"
+    }
+    for deps in graph.values():
+        deps.discard("__init__")
+    # Depth-first search for a back edge; report the cycle it closes.
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in sorted(graph.get(name, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_no_reaching_into_other_modules_privates(path: pathlib.Path) -> None:
+    tree = _tree(path)
+    # Private names this module defines itself (methods, attributes it assigns): its own
+    # classes may use each other's (pool.py's worker calls its pool back).
+    own: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+    reaches = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if name in own or (path.name, name) in ALLOWED_PRIVATE:
+                continue
+            reaches.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    reaches.append(f"line {node.lineno}: imports {alias.name}")
+    assert not reaches, f"{path.name} uses private names of other objects: {reaches}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_module_docstring_and_exports(path: pathlib.Path) -> None:
+    tree = _tree(path)
+    doc = ast.get_docstring(tree)
+    assert doc, f"{path.name} has no docstring saying its job"
+    if path.name != "__main__.py":
+        assert any(
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+            for node in tree.body
+        ), f"{path.name} has no __all__"
