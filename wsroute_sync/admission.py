@@ -25,6 +25,7 @@ from .http import parse_request_head
 __all__ = ["PendingHandshakes", "default_max_pending"]
 
 _HEAD_READ = 4096
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
 # How long a refused client gets to read our answer, and how many refused sockets may
 # linger at once (past that they are closed at once).
 _LINGER_SECONDS = 2.0
@@ -81,7 +82,8 @@ class PendingHandshakes:
     selector key whose ``data`` it does not own itself (see :meth:`owns`), selects with
     :meth:`timeout` and calls :meth:`expire` after each round. A complete request head
     goes to ``on_head(sock, remote, request, rest)``, which owns the socket from then on
-    (still non-blocking; ``rest`` holds bytes read past the head).
+    (a plain socket is still blocking, a TLS one non-blocking; ``rest`` holds bytes read
+    past the head).
     """
 
     def __init__(
@@ -130,10 +132,13 @@ class PendingHandshakes:
                     "pending handshakes full (%d): dropped the oldest (%d so far)",
                     limit, self.dropped)
         try:
-            sock.setblocking(False)
             if self._ssl_context is not None:
+                sock.setblocking(False)
                 sock = self._ssl_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False)
+            # A plain socket stays blocking (as accept() made it): it is read with
+            # MSG_DONTWAIT here, and its connection thread reads it blocking, so its mode
+            # never needs changing (two system calls saved each way).
         except (OSError, ssl.SSLError) as exc:
             self._logger.debug("connection from %s lost before its request: %s", remote, exc)
             sock.close()
@@ -250,9 +255,10 @@ class PendingHandshakes:
             entry.tls_done = True
             self._want(entry, selectors.EVENT_READ)
         buffer = entry.buffer
+        flags = 0 if self._ssl_context is not None else _MSG_DONTWAIT
         while True:
             try:
-                chunk = sock.recv(_HEAD_READ)
+                chunk = sock.recv(_HEAD_READ, flags) if flags else sock.recv(_HEAD_READ)
             except (BlockingIOError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:
