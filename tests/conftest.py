@@ -39,6 +39,42 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
     return True
 
 
+# With CI=true a test never skips: a skip there hides a component that failed to install
+# (a browser, Redis, nginx, TLS, kosoku), so it fails instead and says what is missing.
+_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if _CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+            report.longrepr)
+        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: this test would skip: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def thread_deaths() -> Iterator[None]:
+    """A thread that dies with an uncaught exception during a test fails the test."""
+    deaths: List[str] = []
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        deaths.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    assert not deaths, f"threads died: {deaths}"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Threads and file descriptors return to their baseline after each test."""

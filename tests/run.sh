@@ -15,9 +15,20 @@ if [ "${#apt_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo -n"
     echo "tests/run.sh: installing ${apt_packages[*]}" >&2
-    $sudo apt-get update -qq >/dev/null || true
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-        "${apt_packages[@]}" >/dev/null || echo "tests/run.sh: could not install ${apt_packages[*]}" >&2
+    # A failed install is an error: the tests of what it would have installed fail anyway
+    # (with CI=true none of them may skip), and this says why first.
+    if ! $sudo apt-get update -qq >/dev/null; then
+        echo "tests/run.sh: apt-get update failed; cannot install ${apt_packages[*]}" >&2
+        exit 1
+    fi
+    if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${apt_packages[@]}" >/dev/null; then
+        echo "tests/run.sh: apt-get install ${apt_packages[*]} failed" >&2
+        exit 1
+    fi
+elif [ "${#apt_packages[@]}" -gt 0 ]; then
+    echo "tests/run.sh: no apt-get here to install ${apt_packages[*]}" >&2
+    exit 1
 fi
 
 venv=${WSROUTE_VENV:-.venv}

@@ -51,7 +51,9 @@ _monotonic = time.monotonic
 _bisect = bisect.bisect_left
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 _loads = _decoder.decode
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# allow_nan=False: NaN and the infinities are no JSON either (the decoder above refuses
+# them); json's default would write the bare words NaN and Infinity onto the wire.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 class EnvelopeError(Exception):
