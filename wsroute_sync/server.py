@@ -42,6 +42,7 @@ from .metrics import Totals, render_prometheus
 from .pool import ThreadPool
 from .reaper import Reaper
 from .routing import Dispatcher, Handler, resolve_handler
+from .wsgi import WSGIApp, WSGIApplication
 
 __all__ = ["Server", "MessageHandler", "HTTPHandler"]
 
@@ -767,6 +768,19 @@ class Server:
             answer_and_close(sock, refusal)
             return
         connection.run()
+
+    def wsgi_app(self, app: Optional[WSGIApplication] = None, *,
+                 path: Union[str, Sequence[str], None] = None) -> WSGIApp:
+        """A WSGI application serving this server's routes inside a WSGI server you already
+        run (gunicorn ``-k gthread``, werkzeug's threaded server), on its port.
+
+        An upgrade request on ``path`` (any path when ``None``) is served by the same code
+        as :meth:`serve`, in the WSGI server's thread for that request; every other
+        request goes to ``app`` untouched (``None``: 404). Flask:
+        ``flask_app.wsgi_app = server.wsgi_app(flask_app.wsgi_app)``. See
+        :mod:`wsroute_sync.wsgi`.
+        """
+        return WSGIApp(self, app, path=path)
 
     # Called by connections (the ConnectionOwner interface).
 
