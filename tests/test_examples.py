@@ -92,6 +92,18 @@ def test_functional_options_logs_json() -> None:
     assert all(r["level"] == "INFO" for r in records)
 
 
+def test_flask_app_tryout() -> None:
+    # Flask's page and the WebSocket routes on one werkzeug port (threaded).
+    assert run_example("flask_app.py") == [
+        "GET /      -> 200 text/html; charset=utf-8",
+        "echo       -> {'hello': 'flask'}",
+        "GET /stats -> {'active': 2, 'max': 90}",
+        "shout      -> {'delivered': 1}",
+        'ben hears  -> {"shout":"HI ALL"}',
+    ]
+    # Its gunicorn command (docs/guide.md) is run by tests/test_wsgi.py.
+
+
 @pytest.fixture
 def serving(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run ``examples/<param> --serve 127.0.0.1:0``; yield its URL; Ctrl-C it."""
@@ -121,6 +133,13 @@ def test_chat_serve_mode(serving: str) -> None:
         assert ben.call_json("join", {"room": "r", "name": "ben"})["members"] == ["ann", "ben"]
         assert ben.call_json("say", {"text": "yo"}) == {"delivered": 1}
         assert json.loads(ann.receive(TIMEOUT)) == {"room": "r", "from": "ben", "text": "yo"}
+
+
+@pytest.mark.parametrize("serving", ["flask_app.py"], indirect=True)
+def test_flask_app_serve_mode(serving: str) -> None:
+    assert serving.endswith("/ws")
+    with Client.connect(serving) as client:
+        assert client.call_json("echo", [1, 2]) == [1, 2]
 
 
 @pytest.mark.parametrize("serving", ["auth_token.py"], indirect=True)
