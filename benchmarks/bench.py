@@ -92,6 +92,16 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec(
         "websocket-server", "websocket-server", "ws", "PyPI websocket-server (socketserver)"
     ),
+    ServerSpec(
+        "wsroute-sync-gunicorn", "wsroute_sync in gunicorn", "ws",
+        "ours: server.wsgi_app() in front of Flask, gunicorn -k gthread, 1 worker",
+        default=False,
+    ),
+    ServerSpec(
+        "flask-sock-gunicorn", "Flask-Sock in gunicorn", "ws",
+        "Flask-Sock (simple-websocket) under the same gunicorn command",
+        default=False,
+    ),
     ServerSpec("raw-tcp", "raw-tcp", "tcp", "newline-delimited JSON, no WebSocket"),
     ServerSpec(
         "minimal-ws", "minimal-ws", "ws",
