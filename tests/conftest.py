@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Set
+from typing import Any, Callable, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -93,6 +94,18 @@ def no_leaks() -> Iterator[None]:
     assert _wait_for(settled), (
         f"leaked threads {[t.name for t in extra]} or fds ({_fd_count()} > {fds})"
     )
+
+
+@pytest.fixture(scope="module")
+def tls() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts for 127.0.0.1, from a throwaway CA (trustme)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
 
 
 @contextlib.contextmanager

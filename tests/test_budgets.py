@@ -19,17 +19,6 @@ from rawclient import RawClient, handshake_request
 from wsroute_sync import Server
 
 
-@pytest.fixture(scope="module")
-def tls() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    return server_ctx, client_ctx
-
-
 def call_within_a_second(url: str, ssl_context: Any = None) -> float:
     """Connect, call echo, close: how long it took (the test wants < 1 s every time)."""
     started = time.monotonic()

@@ -29,17 +29,6 @@ from wsroute_sync import Server
 BIG = 16 << 20  # larger than both sockets' buffers together: the writer must wait
 
 
-@pytest.fixture(scope="module")
-def tls() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    return server_ctx, client_ctx
-
-
 @pytest.fixture(params=["ws", "wss"])
 def scheme(request: Any) -> str:
     return str(request.param)

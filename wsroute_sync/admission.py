@@ -222,12 +222,15 @@ class PendingHandshakes:
 
     # Internals.
 
-    def _forget(self, entry: _Pending) -> None:
-        self._pending.pop(entry.sock.fileno(), None)
+    def _unwatch(self, table: Dict[int, Any], sock: socket.socket) -> None:
+        table.pop(sock.fileno(), None)
         try:
-            self._selector.unregister(entry.sock)
+            self._selector.unregister(sock)
         except (KeyError, ValueError):
             pass
+
+    def _forget(self, entry: _Pending) -> None:
+        self._unwatch(self._pending, entry.sock)
 
     def _want(self, entry: _Pending, events: int) -> None:
         if entry.events != events:
@@ -331,9 +334,5 @@ class PendingHandshakes:
         self._end_linger(linger)
 
     def _end_linger(self, linger: _Lingering) -> None:
-        self._lingering.pop(linger.sock.fileno(), None)
-        try:
-            self._selector.unregister(linger.sock)
-        except (KeyError, ValueError):
-            pass
+        self._unwatch(self._lingering, linger.sock)
         linger.sock.close()

@@ -442,26 +442,30 @@ class ServerConnection:
         poller.register(self._sock, events)
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
 
+    def _send_once(self, data: Union[bytes, memoryview]) -> Tuple[int, int]:
+        """One non-blocking send: the bytes the socket took, and the poll event to wait
+        for when it took none."""
+        tls_lock = self._tls_lock
+        try:
+            if tls_lock is None:
+                n = self._sock.send(data, _MSG_DONTWAIT)
+            else:
+                with tls_lock:
+                    n = self._sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            return 0, _POLLOUT
+        except ssl.SSLWantReadError:
+            return 0, _POLLIN  # TLS wants to read before it can write
+        except OSError as exc:
+            raise _WriteFailed(f"write failed: {exc}") from None
+        self._written += n
+        return n, _POLLOUT
+
     def _write(self, data: Union[bytes, memoryview], deadline: Optional[float]) -> None:
         """Write all of ``data``; each wait is bounded by write_timeout and ``deadline``."""
-        sock = self._sock
-        tls_lock = self._tls_lock
         while True:
-            try:
-                if tls_lock is None:
-                    n = sock.send(data, socket.MSG_DONTWAIT)
-                else:
-                    with tls_lock:
-                        n = sock.send(data)
-                events = _POLLOUT
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                n, events = 0, _POLLOUT
-            except ssl.SSLWantReadError:
-                n, events = 0, _POLLIN  # TLS wants to read before it can write
-            except OSError as exc:
-                raise _WriteFailed(f"write failed: {exc}") from None
+            n, events = self._send_once(data)
             if n:
-                self._written += n
                 if n == len(data):
                     return
                 data = memoryview(data)[n:]
@@ -472,23 +476,6 @@ class ServerConnection:
                 wait = left if wait is None else min(wait, left)
             if (wait is not None and wait <= 0) or not self._wait(events, wait):
                 raise _WriteFailed("write timed out - client not reading")
-
-    def _write_nowait(self, data: memoryview) -> int:
-        """Write what the socket takes now; how many bytes."""
-        sock = self._sock
-        tls_lock = self._tls_lock
-        try:
-            if tls_lock is None:
-                n = sock.send(data, socket.MSG_DONTWAIT)
-            else:
-                with tls_lock:
-                    n = sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return 0
-        except OSError as exc:
-            raise _WriteFailed(f"write failed: {exc}") from None
-        self._written += n
-        return n
 
     def _flush(self, deadline: Optional[float], *, blocking: bool) -> None:
         """Write the queued frames, in order (all of them, unless non-blocking)."""
@@ -506,7 +493,7 @@ class ServerConnection:
                 self._write(view, deadline)
                 n = len(view)
             else:
-                n = self._write_nowait(view)
+                n = self._send_once(view)[0]
             with self._lock:
                 if n == len(view):
                     out.popleft()
