@@ -263,6 +263,9 @@ class PendingHandshakes:
             try:
                 chunk = sock.recv(_HEAD_READ, flags) if flags else sock.recv(_HEAD_READ)
             except (BlockingIOError, ssl.SSLWantReadError):
+                # Decrypted bytes OpenSSL already holds make no selector event: read them.
+                if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                    continue
                 return
             except ssl.SSLWantWriteError:
                 self._want(entry, selectors.EVENT_WRITE)
