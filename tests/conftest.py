@@ -42,19 +42,37 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
 
 # With CI=true a test never skips: a skip there hides a component that failed to install
 # (a browser, Redis, nginx, TLS, kosoku), so it fails instead and says what is missing.
+# xfail is left alone: it is a known failure written down, not a missing component.
 _CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _ci_refuses(report: Any) -> None:
+    """Turn a skipped report into a failure that names the skip's reason."""
+    if not (_CI and report.skipped and not hasattr(report, "wasxfail")):
+        return
+    longrepr = report.longrepr
+    # A skip's longrepr is (path, line, "Skipped: <reason>"); anything else, as text.
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3
+                 else longrepr)
+    reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+    report.outcome = "failed"
+    report.longrepr = f"CI=true: this test would skip: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    # Skips during a test (pytest.skip, importorskip) and during its set-up (skipif and
+    # skip marks, a fixture that skips).
     outcome = yield
-    report = outcome.get_result()
-    if _CI and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
-            report.longrepr)
-        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: this test would skip: {reason}"
+    _ci_refuses(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    # A module-level importorskip or pytest.skip(allow_module_level=True) skips a whole
+    # file while it is collected: under CI that is a collection error, which stops the run.
+    outcome = yield
+    _ci_refuses(outcome.get_result())
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +84,7 @@ def thread_deaths() -> Iterator[None]:
     def hook(args: Any) -> None:
         name = args.thread.name if args.thread is not None else "?"
         deaths.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
-        previous(args)
+        previous(args)  # the default prints the traceback, which pytest shows
 
     threading.excepthook = hook
     try:
@@ -77,8 +95,10 @@ def thread_deaths() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
+def no_leaks(thread_deaths: None) -> Iterator[None]:
     """Threads and file descriptors return to their baseline after each test."""
+    # Asking for thread_deaths puts its hook around this teardown too: the threads this
+    # waits for are the ones most likely to die late (a connection ending after close).
     threads: Set[threading.Thread] = set(threading.enumerate())
     fds = _fd_count()
     yield
@@ -148,3 +168,31 @@ class ListHandler(logging.Handler):
 
     def messages(self, level: int = logging.DEBUG) -> List[str]:
         return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+class ErrorLogs(ListHandler):
+    """ERROR (and CRITICAL) records of the ``wsroute_sync`` logger tree, with tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def assert_none(self) -> None:
+        """Fail, showing each record and its traceback, if anything was logged at ERROR."""
+        assert not self.records, "ERROR logs:\n" + "\n".join(
+            self.format(r) for r in self.records)
+
+
+@pytest.fixture
+def error_logs() -> Iterator[ErrorLogs]:
+    """Collects what the library logs at ERROR during the test; not autouse, since some
+    tests expect ERROR records (a handler that fails is logged with its traceback).
+    Loggers given with ``logger=`` outside the ``wsroute_sync`` tree are not seen."""
+    handler = ErrorLogs()
+    logger = logging.getLogger("wsroute_sync")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
