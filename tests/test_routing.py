@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
-from typing import Any, List, Optional
+import math
+import sys
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.sync.client import connect
 
+from conftest import TIMEOUT, ErrorLogs, make_server, running
 from wsroute_sync.errors import HandlerError
 from wsroute_sync.metrics import ConnectionMetrics
 from wsroute_sync.routing import (
@@ -95,6 +100,187 @@ def test_encode_result_refuses_what_cannot_go_out() -> None:
         encode_result(b"\xff", True)
     with pytest.raises(TypeError):
         encode_result({1, 2}, True)
+
+
+def _circular_list() -> List[Any]:
+    loop: List[Any] = [1]
+    loop.append({"again": loop})
+    return loop
+
+
+def _circular_dict() -> Dict[str, Any]:
+    loop: Dict[str, Any] = {}
+    loop["self"] = loop
+    return loop
+
+
+def _deep() -> List[Any]:
+    # Deeper than any recursion limit, C or Python's: the encoder gives up, never crashes.
+    value: List[Any] = []
+    for _ in range(100_000):
+        value = [value]
+    return value
+
+
+class _ItemsFail(dict):  # type: ignore[type-arg]
+    """A dict subclass whose items() (which the encoder calls) fails: user code."""
+
+    def items(self) -> Any:
+        raise LookupError("items() failed")
+
+
+#: (label, make the value, the exception encode_result raises): a value made lazily, so
+#: the parameter ids stay readable and a 100,000-deep list is built only when used.
+NOT_ENCODABLE: List[Tuple[str, Any, Type[BaseException]]] = [
+    ("inf", lambda: {"x": math.inf}, ValueError),
+    ("-inf nested", lambda: [1, {"y": [-math.inf]}], ValueError),
+    ("nan nested", lambda: {"a": {"b": (math.nan,)}}, ValueError),
+    ("inf dict key", lambda: {math.inf: 1}, ValueError),
+    ("nan dict key", lambda: {math.nan: 1}, ValueError),
+    ("tuple dict key", lambda: {(1, 2): "pair"}, TypeError),
+    ("object dict key", lambda: {object(): 1}, TypeError),
+    ("circular list", _circular_list, ValueError),
+    ("circular dict", _circular_dict, ValueError),
+    ("set", lambda: {1, 2}, TypeError),
+    ("object", object, TypeError),
+    ("complex nested", lambda: [1j], TypeError),
+    ("too deep", _deep, RecursionError),
+    ("items() fails", lambda: _ItemsFail(a=1), LookupError),
+]
+if hasattr(sys, "get_int_max_str_digits"):  # 3.9.14, 3.10.7, 3.11 and later
+    NOT_ENCODABLE.append(("int over the digit limit", lambda: {"n": 10 ** 5000}, ValueError))
+
+
+@pytest.fixture
+def default_digit_limit() -> Iterator[None]:
+    """Python's default int digit limit, whatever PYTHONINTMAXSTRDIGITS says."""
+    if not hasattr(sys, "set_int_max_str_digits"):
+        yield
+        return
+    previous = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(4300)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(previous)
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["text", "binary"])
+@pytest.mark.parametrize("label, make, error", NOT_ENCODABLE, ids=[c[0] for c in NOT_ENCODABLE])
+def test_encode_result_refuses_what_json_cannot_carry(
+        label: str, make: Any, error: Type[BaseException], text: bool,
+        default_digit_limit: None) -> None:
+    with pytest.raises(error):
+        encode_result(make(), text)
+
+
+def test_encode_result_names_the_problem() -> None:
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        encode_result([math.nan], True)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        encode_result(_circular_list(), True)
+    with pytest.raises(TypeError, match="keys must be str, int, float, bool or None"):
+        encode_result({(1,): 1}, False)
+    # Non-str keys JSON can carry become strings, as json.dumps makes them.
+    assert encode_result({1: "a", None: "b", False: "c", 2.5: "d"}, True) == (
+        '{"1":"a","null":"b","false":"c","2.5":"d"}')
+
+
+class _Colour(str, enum.Enum):
+    RED = "red"
+
+
+class _Tagged(bytes):
+    pass
+
+
+class _Shouty(str):
+    def __str__(self) -> str:
+        return "SHOUT"
+
+
+@pytest.mark.parametrize(
+    "result, text, expected",
+    [
+        (_Colour.RED, True, "red"),
+        (_Colour.RED, False, b"red"),
+        (_Shouty("quiet"), True, "quiet"),
+        (_Tagged(b"\xc3\xa9"), True, "\u00e9"),
+        (_Tagged(b"\xff"), False, b"\xff"),
+    ],
+    ids=["str enum text", "str enum binary", "str subclass", "bytes subclass text",
+         "bytes subclass binary"],
+)
+def test_encode_result_subclasses_go_as_their_base(result: Any, text: bool,
+                                                   expected: Any) -> None:
+    """A str or bytes subclass goes out as its characters or bytes, as a push does
+    (``as_message``), not as a JSON string nor refused; and as the exact base type."""
+    reply = encode_result(result, text)
+    assert reply == expected and type(reply) is type(expected)
+
+
+BAD_RESULT = '{"code":1,"msg":"internal error","data":null}'
+
+
+@pytest.mark.parametrize("label, make, error", NOT_ENCODABLE, ids=[c[0] for c in NOT_ENCODABLE])
+def test_dispatch_answers_bad_result_for_what_json_cannot_carry(
+        label: str, make: Any, error: Type[BaseException], error_logs: ErrorLogs,
+        default_digit_limit: None) -> None:
+    value = make()
+    d = Dispatcher({"bad": lambda ctx, m: value}.get, lambda r, p, c, dl: None,
+                   logger=logging.getLogger("wsroute_sync.test_routing"),
+                   handler_timeout=None)
+    conn = FakeConnection()
+    assert d.dispatch(conn, '{"Route":"bad"}') == BAD_RESULT
+    assert d.dispatch(conn, b'{"Route":"bad"}') == BAD_RESULT.encode()
+    assert conn.metrics.errors == {"bad_result": 2}
+    assert error_logs.messages() == [
+        f"handler for route 'bad' returned a value JSON cannot encode: {type(value).__name__}"
+    ] * 2
+    assert all(r.exc_info is not None and r.exc_info[0] is error for r in error_logs.records)
+
+
+def test_a_result_json_cannot_carry_over_a_socket(error_logs: ErrorLogs) -> None:
+    """Over a real connection: every such result gets the bad_result envelope, nothing
+    invalid reaches the wire, the connection goes on; pushes raise in the caller."""
+    server = make_server()
+    values = {"inf": {"x": math.inf}, "nan": [math.nan], "tuple_key": {(1, 2): 1},
+              "circular": _circular_list(), "object": object()}
+    for name, value in values.items():
+        server.route(name)(lambda ctx, m, value=value: value)
+    pushes: List[str] = []
+
+    @server.route("push")
+    def push(ctx: Any, message: bytes) -> str:
+        for value in ({"x": -math.inf}, _circular_dict()):
+            try:
+                ctx.send(value)
+            except ValueError as exc:
+                pushes.append(str(exc))
+        try:
+            ctx.server.broadcast([math.nan])
+        except ValueError as exc:
+            pushes.append(str(exc))
+        return "pushed"
+
+    with running(server):
+        with connect(server.url, open_timeout=TIMEOUT) as ws:
+            for name in values:
+                ws.send(json.dumps({"Route": name}))
+                assert ws.recv(timeout=TIMEOUT) == BAD_RESULT
+                ws.send(json.dumps({"Route": name}).encode())
+                assert ws.recv(timeout=TIMEOUT) == BAD_RESULT.encode()
+            ws.send('{"Route":"push"}')
+            # Nothing came before the reply: each push was refused before any write.
+            assert ws.recv(timeout=TIMEOUT) == "pushed"
+            ws.send('{"Route":"echo","Params":[1]}')
+            assert ws.recv(timeout=TIMEOUT) == "[1]"
+    assert server.stats()["errors"] == {"bad_result": 2 * len(values)}
+    assert pushes == ["Out of range float values are not JSON compliant",
+                      "Circular reference detected",
+                      "Out of range float values are not JSON compliant"]
+    assert len(error_logs.records) == 2 * len(values)
+    assert all("returned a value JSON cannot encode" in m for m in error_logs.messages())
 
 
 def test_resolve_handler() -> None:

@@ -246,7 +246,13 @@ def encode_result(result: Any, text: bool) -> Optional[Message]:
     bytes-like goes as is, ``str`` as UTF-8, ``None`` sends nothing, anything else is
     JSON-encoded. A text reply must be valid UTF-8 (RFC 6455 5.6), so bytes that are
     not raise ``UnicodeDecodeError`` rather than go out in a text frame.
-    Raises ``TypeError``/``ValueError`` for values JSON cannot encode.
+
+    Raises ``TypeError`` for a value with no JSON form (a set, an object, a dict key
+    that is not a str, int, float, bool or None) and ``ValueError`` for one JSON cannot
+    carry: NaN or an infinity anywhere (RFC 8259 6), a circular reference, an int over
+    Python's digit limit (``sys.get_int_max_str_digits()``). Nesting deeper than the
+    recursion limit raises ``RecursionError``; a dict subclass's own ``items()`` may
+    raise anything.
     """
     if result is None:
         return None
@@ -257,7 +263,12 @@ def encode_result(result: Any, text: bool) -> Optional[Message]:
     if kind is str:
         string: str = result
         return string if text else string.encode("utf-8")
-    if isinstance(result, (bytearray, memoryview)):
+    if isinstance(result, str):
+        # A str subclass (a StrEnum member) is text as a push's is, not a JSON string;
+        # str.__str__ gives its characters as a plain str, whatever its own __str__ says.
+        string = str.__str__(result)
+        return string if text else string.encode("utf-8")
+    if isinstance(result, (bytes, bytearray, memoryview)):
         data = bytes(result)
         return data.decode("utf-8") if text else data
     encoded: str = _dumps(result)
@@ -383,7 +394,10 @@ class Dispatcher:
                 "handler for route %r returned bytes that are not UTF-8 for a text frame",
                 _quote_route(route),
             )
-        except (TypeError, ValueError, RecursionError):
+        except Exception:
+            # TypeError, ValueError, RecursionError from the encoder, or anything a dict
+            # subclass's items() raises: every failure here is the handler's result, so
+            # the client gets bad_result and the connection goes on.
             logger.error(
                 "handler for route %r returned a value JSON cannot encode: %s",
                 _quote_route(route), type(result).__name__, exc_info=True,
