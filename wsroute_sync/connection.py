@@ -871,6 +871,9 @@ class ServerConnection:
                             self._set_read_timeout(ping_interval)
                 elif kind is CloseReceived:
                     assert isinstance(item, CloseReceived)
+                    # The code and reason first: whoever wakes on ``closed`` reads them.
+                    if self.close_code is None or not item.closed:
+                        self.close_code, self.close_reason = item.code, item.reason
                     self._mark_closing()
                     if not item.closed:
                         # Echo the code (RFC 6455 5.5.1); 1005 "no status" becomes an
@@ -880,8 +883,6 @@ class ServerConnection:
                             timeout = self._write_timeout
                             self._deliver(ticket, None if timeout is None
                                           else time.monotonic() + timeout)
-                    if self.close_code is None or not item.closed:
-                        self.close_code, self.close_reason = item.code, item.reason
                     # RFC 6455 7.1.1: the server closes TCP first, so return now.
                     return
                 elif kind is ProtocolFailure:
