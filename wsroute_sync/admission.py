@@ -1,89 +1,178 @@
-"""Accepted sockets waiting for their request head (and TLS handshake) in the accept
-loop's selector, non-blocking: they cost a file descriptor and a small buffer, no thread
-and no connection slot, until a whole request head has arrived.
+"""Admission: accepted sockets wait for their TLS handshake and request head in the accept
+loop's selector, holding no thread and no connection slot, until they are worth one.
 
-A client that connects and sends nothing, or dribbles its head, or never finishes TLS,
-waits here under ``handshake_timeout`` and a bound of its own (``max_pending``; when it
-is full the oldest pending socket is dropped first), while complete requests go straight
-on to a slot and a thread. Refusals made before a connection exists (400, 408, 431, and
-the server's 503 and 429) are written here too, without blocking, and the socket lingers
-a moment so that the client reads the answer before the close.
+Taking a slot at ``accept()`` let any client that connects and says nothing hold it for
+``handshake_timeout``: 200 silent TCP connections locked out every real client of a
+server with ``max_connections=200``. Here a socket that has not yet sent a complete
+request head costs a file descriptor and a small buffer. :class:`PendingHandshakes`
+drives the TLS handshake and reads the head without blocking, answers bad heads itself
+(400, 408, 431, ...), and hands each complete head to a callback that decides what the
+connection gets (a slot and a thread, a 503, a plain HTTP answer).
+
+Everything here runs in the one thread that owns the selector; nothing is thread-safe,
+and nothing blocks.
 """
 
 from __future__ import annotations
 
-import resource
+import collections
+import logging
 import selectors
 import socket
 import ssl
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, List, Optional, Union
 
 from .http import BadRequest, HTTPRequest, check_request_start, find_head_end, http_response
 from .http import parse_request_head
 
-__all__ = ["PendingHandshakes", "default_max_pending"]
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: the package must still import
+    resource = None  # type: ignore[assignment]
 
+__all__ = ["PendingHandshakes", "OnHead", "default_max_pending"]
+
+#: ``on_head(sock, remote_address, request, rest)``: a complete, parsed request head.
+OnHead = Callable[[socket.socket, Any, HTTPRequest, bytes], None]
+_Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
+
+# The head is read in small pieces: a slow client must not pin much memory.
 _HEAD_READ = 4096
-_MSG_DONTWAIT = socket.MSG_DONTWAIT
-# How long a refused client gets to read our answer, and how many refused sockets may
-# linger at once (past that they are closed at once).
+# A refused client gets this long to read our answer before the socket is closed...
 _LINGER_SECONDS = 2.0
+# ...and past this many lingering sockets the oldest is closed at once.
 _MAX_LINGERING = 512
-# File descriptors kept free for everything that is not a pending handshake or a
-# connection: the listener, log files, the backplane, the application's own.
+# A lingering client that keeps sending is cut off after this much (we only discard it).
+_DRAIN_LIMIT = 1 << 20
+# default_max_pending: descriptors kept for everything that is not a pending socket, a
+# lingering one or a connection (listener, wake-up pipe, selector, log files, a
+# backplane's connections, the application's own), and the bounds. The upper bound is
+# for memory: an idle pending socket costs ~400 bytes here and a few KiB in the kernel,
+# and a limit of a million descriptors is common in containers.
 _FD_RESERVE = 256
 _MIN_PENDING = 64
+_MAX_PENDING = 16384
+# At most one WARNING per kind and interval; the rest go to DEBUG and are counted, so
+# that a flood of junk connections cannot flood the logs too.
+_WARN_INTERVAL = 1.0
 
-OnHead = Callable[[socket.socket, Any, HTTPRequest, bytes], None]
+# What a socket is waiting for.
+_TLS, _HEAD, _LINGER = 0, 1, 2
 
 
 def default_max_pending(max_connections: int) -> int:
-    """The default bound on pending handshakes: what the process's file descriptor limit
-    leaves beside ``max_connections`` connections and a reserve, at least 64."""
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):  # pragma: no cover - every POSIX system has it
-        soft = resource.RLIM_INFINITY
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(_MIN_PENDING, int(soft) - max_connections - _FD_RESERVE)
+    """A generous bound on sockets waiting for their head, from the process's fd limit.
+
+    Pending sockets must not take the descriptors admitted connections need: this is
+    the soft ``RLIMIT_NOFILE`` less ``max_connections``, the refused sockets that may be
+    lingering (512) and a reserve of 256, clamped to 64..16384. With the oldest dropped
+    first, 16384 is plenty: to lock a client out an attacker must open that many
+    connections within the client's round trip, far more than one accept loop takes.
+    Where no limit can be read (Windows), 1024 descriptors are assumed.
+    """
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise TypeError(f"max_connections must be an int, not {type(max_connections).__name__}")
+    soft = 1024
+    if resource is not None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 30 if limit == resource.RLIM_INFINITY else limit
+    spare = soft - max_connections - _MAX_LINGERING - _FD_RESERVE
+    return max(_MIN_PENDING, min(_MAX_PENDING, spare))
 
 
-class _Pending:
-    """One socket waiting for its head."""
+class _Throttled:
+    """One kind of WARNING, logged at most once per interval; the rest at DEBUG."""
 
-    __slots__ = ("sock", "remote", "deadline", "buffer", "tls_done", "events")
+    __slots__ = ("_logger", "_clock", "_next", "_suppressed")
 
-    def __init__(self, sock: socket.socket, remote: Any, deadline: float, tls_done: bool) -> None:
+    def __init__(self, logger: _Logger, clock: Callable[[], float]) -> None:
+        self._logger = logger
+        self._clock = clock
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            self._logger.debug(msg, *args)
+            return
+        self._next = now + _WARN_INTERVAL
+        if self._suppressed:
+            msg += " (%d more like it since the last report)"
+            args += (self._suppressed,)
+            self._suppressed = 0
+        self._logger.warning(msg, *args)
+
+
+class _Waiting:
+    """One socket in admission; the selector key's ``data``. Small: there may be many."""
+
+    __slots__ = ("sock", "remote", "deadline", "phase", "buf", "events", "unsent")
+
+    def __init__(self, sock: socket.socket, remote: Any, deadline: float, phase: int) -> None:
         self.sock = sock
         self.remote = remote
         self.deadline = deadline
-        self.buffer = bytearray()
-        self.tls_done = tls_done
-        self.events = selectors.EVENT_READ
-
-
-class _Lingering:
-    """A refused socket: answer written (or being written), waiting for the hang-up."""
-
-    __slots__ = ("sock", "deadline", "rest")
-
-    def __init__(self, sock: socket.socket, deadline: float, rest: bytes) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.rest = rest
+        self.phase = phase
+        # The head read so far; while lingering, the count of bytes drained.
+        self.buf: Union[bytearray, int] = bytearray()
+        # The events it is registered for; 0 while not registered.
+        self.events = 0
+        # While lingering: the part of the answer the socket could not take yet.
+        self.unsent = b""
 
 
 class PendingHandshakes:
-    """Sockets accepted but not yet admitted, driven by the accept loop's selector.
+    """Sockets accepted but not yet admitted: TLS handshake and request head, non-blocking.
 
-    The accept loop calls :meth:`add` for each accepted socket, :meth:`handle` for each
-    selector key whose ``data`` it does not own itself (see :meth:`owns`), selects with
-    :meth:`timeout` and calls :meth:`expire` after each round. A complete request head
-    goes to ``on_head(sock, remote, request, rest)``, which owns the socket from then on
-    (a plain socket is still blocking, a TLS one non-blocking; ``rest`` holds bytes read
-    past the head).
+    Use it from the thread that runs ``selector`` (it is not thread-safe), in a loop
+    like this::
+
+        pending = PendingHandshakes(selector, ..., on_head=admit)
+        while serving:
+            for key, events in selector.select(pending.timeout()):
+                if pending.owns(key):
+                    pending.handle(key, events)
+                elif key.data == "listener":
+                    sock, remote = listener.accept()
+                    pending.add(sock, remote)
+            pending.expire()
+        pending.close()
+
+    Args:
+        selector: the accept loop's selector; sockets are registered with a ``data``
+            that :meth:`owns` recognizes.
+        ssl_context: a server context; each socket is wrapped and its TLS handshake
+            driven here. ``None`` for plain sockets.
+        handshake_timeout: seconds for the TLS handshake and the whole request head
+            together; past it the client gets 408 (or, before TLS is up, is closed).
+            ``None``: no limit (the :attr:`max_pending` bound still applies).
+        max_header_size: bytes of the request head; more gets 431.
+        max_pending: sockets waiting at once; one more drops the oldest (closed with no
+            answer: under a flood it is the likeliest to be idle, and the newest is
+            likeliest to be a client about to send its head). See
+            :func:`default_max_pending`; ``None``: no bound.
+        logger: where records go (default ``logging.getLogger("wsroute_sync.admission")``).
+            Refusals are logged at WARNING at most once a second per kind, with a count
+            of the others, which go to DEBUG.
+        on_head: called as ``on_head(sock, remote_address, request, rest)`` once a head
+            is complete and parsed; ``rest`` holds the bytes read after it (the start of
+            the first WebSocket frame, say). From then on the receiver owns ``sock``: it
+            is unregistered from the selector, still non-blocking (set the mode you
+            need), and an ``ssl.SSLSocket`` with ``ssl_context``, whose TLS object may
+            hold more decrypted input (``sock.pending()``) that a selector will not
+            report. It runs in the selector's thread and must not block; it may call
+            :meth:`refuse`. If it raises, the error is logged and ``sock`` is closed.
+        clock: ``time.monotonic`` or a stand-in for tests.
+        linger: seconds a refused client gets to read its answer (default 2).
+        max_lingering: refused sockets lingering at once (default 512); one more closes
+            the oldest.
+
+    Counters, for metrics: :attr:`dropped` (oldest dropped when full), :attr:`timed_out`
+    (``handshake_timeout`` ran out), :attr:`refused` (answered by :meth:`refuse`, from
+    here or from the server).
     """
 
     def __init__(
@@ -94,248 +183,375 @@ class PendingHandshakes:
         handshake_timeout: Optional[float],
         max_header_size: int,
         max_pending: Optional[int],
-        logger: Any,
         on_head: OnHead,
+        logger: Optional[_Logger] = None,
         clock: Callable[[], float] = time.monotonic,
+        linger: float = _LINGER_SECONDS,
+        max_lingering: int = _MAX_LINGERING,
     ) -> None:
+        for name, value in (("max_header_size", max_header_size),
+                            ("max_pending", max_pending), ("max_lingering", max_lingering)):
+            if value is None and name == "max_pending":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        for name, seconds in (("handshake_timeout", handshake_timeout), ("linger", linger)):
+            if seconds is None and name == "handshake_timeout":
+                continue
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds")
+            if not seconds > 0:
+                raise ValueError(f"{name} must be > 0, got {seconds!r}")
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError("ssl_context must be an ssl.SSLContext or None")
+        if not callable(on_head):
+            raise TypeError("on_head must be callable")
         self._selector = selector
         self._ssl_context = ssl_context
         self._timeout = handshake_timeout
-        self._max_header = max_header_size
-        self._max_pending = max_pending
-        self._logger = logger
+        self._limit = max_header_size
+        self._max_pending: float = float("inf") if max_pending is None else max_pending
         self._on_head = on_head
+        self._logger: _Logger = (
+            logger if logger is not None else logging.getLogger("wsroute_sync.admission")
+        )
         self._clock = clock
-        # Insertion order is arrival order, and with one timeout for all, deadline
-        # order too: the first entry is both the oldest and the next to expire.
-        self._pending: Dict[int, _Pending] = {}
-        self._lingering: Dict[int, _Lingering] = {}
-        self.dropped = 0  # pushed out by the bound, for the logs
+        self._linger = float(linger)
+        self._max_lingering = max_lingering
+        # Insertion order is deadline order (every socket gets the same timeout), so the
+        # first entry is both the oldest and the next to expire. OrderedDict, not dict:
+        # finding a dict's first entry gets slower with every entry deleted before it.
+        self._pending: "collections.OrderedDict[_Waiting, None]" = collections.OrderedDict()
+        self._lingering: "collections.OrderedDict[_Waiting, None]" = collections.OrderedDict()
+        self._scratch = bytearray(65536)  # where lingering input is drained and dropped
+        self._closed = False
+        self.dropped = 0
+        self.timed_out = 0
+        self.refused = 0
+        self._warn_dropped = _Throttled(self._logger, clock)
+        self._warn_timeout = _Throttled(self._logger, clock)
+        self._warn_bad = _Throttled(self._logger, clock)
+        self._warn_tls = _Throttled(self._logger, clock)
 
-    def __len__(self) -> int:
-        return len(self._pending)
+    # The accept loop's interface.
 
-    def owns(self, key: selectors.SelectorKey) -> bool:
-        return isinstance(key.data, (_Pending, _Lingering))
-
-    def add(self, sock: socket.socket, remote: Any) -> None:
-        """Take a socket fresh from ``accept()``."""
-        now = self._clock()
-        limit = self._max_pending
-        if limit is not None and len(self._pending) >= limit:
-            oldest = next(iter(self._pending.values()))
-            self._forget(oldest)
-            oldest.sock.close()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                self._logger.warning(
-                    "pending handshakes full (%d): dropped the oldest (%d so far)",
-                    limit, self.dropped)
-        try:
-            if self._ssl_context is not None:
-                sock.setblocking(False)
-                sock = self._ssl_context.wrap_socket(
-                    sock, server_side=True, do_handshake_on_connect=False)
-            # A plain socket stays blocking (as accept() made it): it is read with
-            # MSG_DONTWAIT here, and its connection thread reads it blocking, so its mode
-            # never needs changing (two system calls saved each way).
-        except (OSError, ssl.SSLError) as exc:
-            self._logger.debug("connection from %s lost before its request: %s", remote, exc)
+    def add(self, sock: socket.socket, remote_address: Any) -> None:
+        """Take a socket fresh from ``accept()``; ``on_head`` may be called before this
+        returns, when the head has already arrived."""
+        if self._closed:
             sock.close()
             return
-        deadline = float("inf") if self._timeout is None else now + self._timeout
-        entry = _Pending(sock, remote, deadline, tls_done=self._ssl_context is None)
-        self._pending[sock.fileno()] = entry
-        self._selector.register(sock, selectors.EVENT_READ, entry)
-        # Most clients send their request at once, often before the accept: try now,
-        # saving a trip through the selector.
-        self._advance(entry)
-
-    def handle(self, key: selectors.SelectorKey, events: int) -> None:
-        data = key.data
-        if isinstance(data, _Pending):
-            self._advance(data)
-        elif isinstance(data, _Lingering):
-            self._drain(data)
-
-    def timeout(self) -> Optional[float]:
-        """Seconds until the earliest deadline, for ``select()``; ``None`` if none."""
-        earliest = float("inf")
-        if self._pending:
-            earliest = next(iter(self._pending.values())).deadline
-        if self._lingering:
-            earliest = min(earliest, next(iter(self._lingering.values())).deadline)
-        if earliest == float("inf"):
-            return None
-        return max(0.0, earliest - self._clock())
-
-    def expire(self) -> None:
-        now = self._clock()
-        while self._pending:
-            entry = next(iter(self._pending.values()))
-            if entry.deadline > now:
-                break
-            self._forget(entry)
-            if entry.tls_done:
-                self._logger.warning("connection from %s: no complete request within "
-                                     "handshake_timeout", entry.remote)
-                self.refuse(entry.sock, http_response(
-                    408, "request head not received in time\n"))
-            else:
-                self._logger.warning("connection from %s: TLS handshake not finished "
-                                     "within handshake_timeout", entry.remote)
-                entry.sock.close()
-        while self._lingering:
-            linger = next(iter(self._lingering.values()))
-            if linger.deadline > now:
-                break
-            self._end_linger(linger)
-
-    def refuse(self, sock: socket.socket, response: bytes) -> None:
-        """Answer a client we will not serve, without blocking; then close (after a
-        moment of reading what it still sends, so that our answer is not lost to RST)."""
+        timeout = self._timeout
+        deadline = self._clock() + timeout if timeout is not None else float("inf")
         try:
             sock.setblocking(False)
-            sent = sock.send(response)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            sent = 0
-        except (OSError, ValueError):
+            if self._ssl_context is not None:
+                sock = self._ssl_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+        except OSError as exc:
+            self._logger.debug("admission: %s lost at accept: %s", remote_address, exc)
             sock.close()
             return
-        if len(self._lingering) >= _MAX_LINGERING:
+        if self._ssl_context is not None:
+            waiting = _Waiting(sock, remote_address, deadline, _TLS)
+            self._tls(waiting)
+        else:
+            # Read at once rather than wait for the selector: a client usually sends its
+            # head right behind the handshake, and then this saves three system calls
+            # (register, select, unregister) for the one that fails when it has not.
+            waiting = _Waiting(sock, remote_address, deadline, _HEAD)
+            self._read_head(waiting)
+
+    def owns(self, key: selectors.SelectorKey) -> bool:
+        """Whether ``key`` is one of this object's sockets (pass it to :meth:`handle`)."""
+        return type(key.data) is _Waiting
+
+    def handle(self, key: selectors.SelectorKey, events: int) -> None:
+        """Make progress on a socket the selector reported ready; keys this object does
+        not own (see :meth:`owns`) are ignored."""
+        waiting = key.data
+        if type(waiting) is not _Waiting:
+            return
+        phase = waiting.phase
+        if phase == _HEAD:
+            self._read_head(waiting)
+        elif phase == _TLS:
+            self._tls(waiting)
+        else:
+            self._drain(waiting)
+
+    def timeout(self) -> Optional[float]:
+        """Seconds until the earliest deadline (0 if one has passed), ``None`` if none."""
+        deadline = float("inf")
+        if self._pending:
+            deadline = next(iter(self._pending)).deadline
+        if self._lingering:
+            deadline = min(deadline, next(iter(self._lingering)).deadline)
+        if deadline == float("inf"):
+            return None
+        return max(0.0, deadline - self._clock())
+
+    def expire(self) -> None:
+        """Answer 408 to heads past ``handshake_timeout`` (close TLS handshakes that never
+        finished) and close refused sockets whose linger is over."""
+        now = self._clock()
+        expired: List[_Waiting] = []
+        for waiting in self._pending:
+            if waiting.deadline > now:
+                break
+            expired.append(waiting)
+        for waiting in expired:
+            self.timed_out += 1
+            if waiting.phase == _TLS:
+                self._warn_timeout.warning(
+                    "admission: TLS handshake with %s not finished within "
+                    "handshake_timeout, closing", waiting.remote,
+                )
+                self._discard(waiting)
+            else:
+                self._warn_timeout.warning(
+                    "admission: no complete request from %s within handshake_timeout, "
+                    "answered 408", waiting.remote,
+                )
+                self._answer(waiting, http_response(408, "request head not received in time\n"))
+        expired.clear()
+        for waiting in self._lingering:
+            if waiting.deadline > now:
+                break
+            expired.append(waiting)
+        for waiting in expired:
+            self._discard(waiting)
+
+    def refuse(self, sock: socket.socket, response: bytes) -> None:
+        """Answer ``response`` and close without blocking: send it, half-close, and keep
+        the socket in the selector for ``linger`` seconds to read and drop what the client
+        still sends.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy
+        the answer before the client reads it; draining first lets the client see it.
+        For sockets from ``accept()`` (a 503 decided before admission) or from
+        ``on_head`` (not registered with the selector; plain or TLS). What the socket
+        cannot take at once is written when it can, within the same ``linger``; a
+        socket that fails is closed. Bounded by ``max_lingering`` (the oldest goes).
+        """
+        if self._closed:
             sock.close()
             return
-        linger = _Lingering(sock, self._clock() + _LINGER_SECONDS, response[sent:])
-        if not linger.rest:
-            self._half_close(sock)
-        self._lingering[sock.fileno()] = linger
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if linger.rest else 0)
-        self._selector.register(sock, events, linger)
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self._answer(_Waiting(sock, None, 0.0, _LINGER), response)
 
     def close(self) -> None:
-        """Close every pending and lingering socket (the accept loop is ending)."""
-        for entry in list(self._pending.values()):
-            self._forget(entry)
-            entry.sock.close()
-        for linger in list(self._lingering.values()):
-            self._end_linger(linger)
+        """Close every pending and lingering socket; later sockets are closed at once."""
+        self._closed = True
+        for waiting in list(self._pending) + list(self._lingering):
+            self._discard(waiting)
+
+    def __len__(self) -> int:
+        """Sockets waiting for their TLS handshake or request head (not lingering)."""
+        return len(self._pending)
+
+    @property
+    def lingering(self) -> int:
+        """Refused sockets still lingering."""
+        return len(self._lingering)
 
     # Internals.
 
-    def _unwatch(self, table: Dict[int, Any], sock: socket.socket) -> None:
-        table.pop(sock.fileno(), None)
+    def _wait(self, waiting: _Waiting, events: int) -> None:
+        """Wait in the selector for ``events``: registered, and queued on first use."""
+        if waiting.events == events:
+            return
         try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
+            if waiting.events:
+                self._selector.modify(waiting.sock, events, waiting)
+            else:
+                if waiting.phase != _LINGER:
+                    while len(self._pending) >= self._max_pending:
+                        self._drop_oldest()
+                    self._pending[waiting] = None
+                self._selector.register(waiting.sock, events, waiting)
+        except (OSError, ValueError) as exc:  # ValueError: select()'s FD_SETSIZE
+            self._logger.error("admission: cannot watch %s: %s", waiting.remote, exc)
+            self._discard(waiting)
+            return
+        waiting.events = events
 
-    def _forget(self, entry: _Pending) -> None:
-        self._unwatch(self._pending, entry.sock)
+    def _drop_oldest(self) -> None:
+        oldest = next(iter(self._pending))
+        self.dropped += 1
+        self._warn_dropped.warning(
+            "admission: %d sockets waiting for a request head (max_pending): "
+            "dropping the oldest, from %s", len(self._pending), oldest.remote,
+        )
+        self._discard(oldest)
 
-    def _want(self, entry: _Pending, events: int) -> None:
-        if entry.events != events:
-            entry.events = events
-            self._selector.modify(entry.sock, events, entry)
-
-    def _advance(self, entry: _Pending) -> None:
-        sock = entry.sock
-        if not entry.tls_done:
-            assert isinstance(sock, ssl.SSLSocket)
+    def _discard(self, waiting: _Waiting) -> None:
+        """Forget a socket and close it."""
+        self._pending.pop(waiting, None)
+        self._lingering.pop(waiting, None)
+        if waiting.events:
+            waiting.events = 0
             try:
-                sock.do_handshake()
-            except ssl.SSLWantReadError:
-                self._want(entry, selectors.EVENT_READ)
-                return
-            except ssl.SSLWantWriteError:
-                self._want(entry, selectors.EVENT_WRITE)
-                return
-            except (OSError, ssl.SSLError) as exc:
-                self._forget(entry)
-                self._logger.warning("connection from %s: TLS handshake failed: %s",
-                                     entry.remote, exc)
-                sock.close()
-                return
-            entry.tls_done = True
-            self._want(entry, selectors.EVENT_READ)
-        buffer = entry.buffer
-        flags = 0 if self._ssl_context is not None else _MSG_DONTWAIT
+                self._selector.unregister(waiting.sock)
+            except (KeyError, ValueError):  # pragma: no cover - registered, so known
+                pass
+        waiting.sock.close()
+
+    def _tls(self, waiting: _Waiting) -> None:
+        sock = waiting.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(waiting, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(waiting, selectors.EVENT_WRITE)
+            return
+        except OSError as exc:  # ssl.SSLError too: a plain client, bad versions, resets
+            self._warn_tls.warning("admission: TLS handshake with %s failed: %s",
+                                   waiting.remote, exc)
+            self._discard(waiting)
+            return
+        waiting.phase = _HEAD
+        self._read_head(waiting)
+
+    def _read_head(self, waiting: _Waiting) -> None:
+        sock = waiting.sock
+        buf = waiting.buf
+        assert isinstance(buf, bytearray)
+        limit = self._limit
         while True:
             try:
-                chunk = sock.recv(_HEAD_READ, flags) if flags else sock.recv(_HEAD_READ)
+                chunk = sock.recv(_HEAD_READ)
             except (BlockingIOError, ssl.SSLWantReadError):
-                # Decrypted bytes OpenSSL already holds make no selector event: read them.
-                if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                    continue
+                self._wait(waiting, selectors.EVENT_READ)
                 return
-            except ssl.SSLWantWriteError:
-                self._want(entry, selectors.EVENT_WRITE)
+            except ssl.SSLWantWriteError:  # TLS wants to write to let us read (rare)
+                self._wait(waiting, selectors.EVENT_WRITE)
                 return
-            except (OSError, ssl.SSLError) as exc:
-                self._forget(entry)
-                self._logger.debug("connection from %s lost before its request: %s",
-                                   entry.remote, exc)
-                sock.close()
+            except OSError as exc:
+                self._logger.debug("admission: %s lost before a request: %s",
+                                   waiting.remote, exc)
+                self._discard(waiting)
                 return
             if not chunk:
-                self._forget(entry)
-                self._logger.debug("connection from %s closed before a request", entry.remote)
-                sock.close()
+                self._logger.debug("admission: %s closed before a complete request",
+                                   waiting.remote)
+                self._discard(waiting)
                 return
-            start = len(buffer)
-            buffer += chunk
-            try:
-                if start < 16:
-                    # Refuse a TLS hello or binary junk now: it never ends with a blank
-                    # line, so waiting for one would only hold the socket.
-                    check_request_start(buffer)
-                end = find_head_end(buffer, start)
-                limit = self._max_header
-                if (end < 0 and len(buffer) > limit) or end > limit:
-                    raise BadRequest(431, f"request head larger than {limit} bytes")
-                if end < 0:
-                    continue  # read again: the selector is for when nothing is left
-                request = parse_request_head(bytes(buffer[:end]), entry.remote)
-            except BadRequest as exc:
-                self._forget(entry)
-                self._logger.warning("connection from %s: bad request, answered %d: %s",
-                                     entry.remote, exc.status, exc.reason)
-                self.refuse(sock, http_response(exc.status, exc.reason + "\n"))
+            start = len(buf)
+            buf += chunk
+            if start < 16:
+                # Refuse a TLS hello or binary junk now: it never ends with a blank
+                # line, so waiting for one would keep the socket for handshake_timeout.
+                try:
+                    check_request_start(buf)
+                except BadRequest as exc:
+                    self._bad_request(waiting, exc.status, exc.reason)
+                    return
+            end = find_head_end(buf, start)
+            if (end < 0 and len(buf) > limit) or end > limit:
+                self._bad_request(waiting, 431, f"request head larger than {limit} bytes")
                 return
-            self._forget(entry)
-            self._on_head(sock, entry.remote, request, bytes(buffer[end:]))
-            return
+            if end >= 0:
+                self._complete(waiting, buf, end)
+                return
+            # A plain socket's short read emptied the kernel buffer: the selector tells
+            # when more comes. A TLS object may still hold decrypted bytes that no
+            # selector reports, so TLS reads go on until SSLWantReadError.
+            if len(chunk) < _HEAD_READ and not isinstance(sock, ssl.SSLSocket):
+                self._wait(waiting, selectors.EVENT_READ)
+                return
 
-    @staticmethod
-    def _half_close(sock: socket.socket) -> None:
+    def _complete(self, waiting: _Waiting, buf: bytearray, end: int) -> None:
+        head = bytes(buf) if end == len(buf) else bytes(buf[:end])
         try:
-            sock.shutdown(socket.SHUT_WR)
+            request = parse_request_head(head, waiting.remote)
+        except BadRequest as exc:
+            self._bad_request(waiting, exc.status, exc.reason)
+            return
+        rest = bytes(buf[end:]) if end < len(buf) else b""
+        self._pending.pop(waiting, None)
+        sock = waiting.sock
+        if waiting.events:
+            waiting.events = 0
+            self._selector.unregister(sock)
+        try:
+            self._on_head(sock, waiting.remote, request, rest)
+        except Exception:
+            self._logger.error("admission: on_head failed for %s", waiting.remote,
+                               exc_info=True)
+            sock.close()
+
+    def _bad_request(self, waiting: _Waiting, status: int, reason: str) -> None:
+        self._warn_bad.warning("admission: bad request from %s, answered %d: %s",
+                               waiting.remote, status, reason)
+        self._answer(waiting, http_response(status, reason + "\n"))
+
+    def _answer(self, waiting: _Waiting, response: bytes) -> None:
+        """Send ``response``, half-close, and linger (see :meth:`refuse`)."""
+        self.refused += 1
+        self._pending.pop(waiting, None)
+        waiting.phase = _LINGER
+        waiting.buf = 0
+        waiting.deadline = self._clock() + self._linger
+        waiting.unsent = response
+        if not self._send_unsent(waiting):
+            self._discard(waiting)
+            return
+        while len(self._lingering) >= self._max_lingering:
+            self._discard(next(iter(self._lingering)))
+        self._lingering[waiting] = None
+        self._wait(waiting, selectors.EVENT_WRITE if waiting.unsent else selectors.EVENT_READ)
+
+    def _send_unsent(self, waiting: _Waiting) -> bool:
+        """Write what is left of the answer, half-close once it is out; ``False`` if the
+        socket failed."""
+        sock = waiting.sock
+        try:
+            sent = sock.send(waiting.unsent)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            # The answers are a few hundred bytes into an empty send buffer: this is a
+            # client that does not read; it gets until the linger ends.
+            return True
         except OSError:
-            pass
-
-    def _drain(self, linger: _Lingering) -> None:
-        sock = linger.sock
-        if linger.rest:
+            return False
+        waiting.unsent = waiting.unsent[sent:]
+        if not waiting.unsent:
             try:
-                sent = sock.send(linger.rest)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                sent = 0
-            except (OSError, ValueError):
-                self._end_linger(linger)
-                return
-            linger.rest = linger.rest[sent:]
-            if linger.rest:
-                return
-            self._half_close(sock)
-            self._selector.modify(sock, selectors.EVENT_READ, linger)
-        try:
-            if sock.recv(65536):
-                return  # the request, still arriving: keep waiting for the hang-up
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except (OSError, ValueError):
-            pass
-        self._end_linger(linger)
+                # On a TLS socket this also drops the TLS object (no close_notify: the
+                # answer is whole, and says "Connection: close"): the drain then reads
+                # raw bytes.
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        return True
 
-    def _end_linger(self, linger: _Lingering) -> None:
-        self._unwatch(self._lingering, linger.sock)
-        linger.sock.close()
+    def _drain(self, waiting: _Waiting) -> None:
+        if waiting.unsent:
+            if not self._send_unsent(waiting):
+                self._discard(waiting)
+            elif not waiting.unsent:
+                self._wait(waiting, selectors.EVENT_READ)
+            return
+        try:
+            n = waiting.sock.recv_into(self._scratch)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        except OSError:
+            n = 0
+        if n:
+            drained = waiting.buf
+            assert isinstance(drained, int)
+            waiting.buf = drained + n
+            if drained + n < _DRAIN_LIMIT:
+                return  # the request, still arriving: wait for the client's hang-up
+        self._discard(waiting)
