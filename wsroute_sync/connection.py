@@ -272,7 +272,7 @@ class ServerConnection:
         ``str`` goes as a text frame, bytes-like as a binary frame, anything else as
         JSON text. Raises :class:`~wsroute_sync.ConnectionClosed` once the connection is
         closing or the write failed (a client that takes nothing for ``write_timeout``
-        is dropped), ``ValueError`` for a value JSON cannot encode and
+        is dropped), ``TypeError`` or ``ValueError`` for a value JSON cannot encode and
         ``UnicodeEncodeError`` for text that has no UTF-8 form (lone surrogates).
         """
         if not self._send_data(as_message(message), None):

@@ -354,9 +354,10 @@ class Server:
         ``predicate`` picks).
 
         Safe from any thread; closed connections are skipped without raising. ``str``
-        goes as text, bytes as binary, anything else as JSON text (``ValueError`` for a
-        value JSON cannot encode). Writes never block on one client: the message is
-        framed once, every socket is written without waiting, and clients whose buffers
+        goes as text, bytes as binary, anything else as JSON text (``TypeError`` or
+        ``ValueError`` for a value JSON cannot encode, raised before anything is sent).
+        Writes never block on one client: the message is framed once, every socket is
+        written without waiting, and clients whose buffers
         are full are served as they drain, together, for at most ``timeout`` seconds
         (default ``write_timeout``, else 10). A client still behind after that cannot
         take even a Close frame, so it is disconnected and logged. A frame never lands
