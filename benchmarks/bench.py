@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: wsroute_sync against four threaded peers, in one run.
+"""Side-by-side benchmark: wsroute_sync against Python peers and gorilla (Go), in one run.
 
 Usage::
 
@@ -53,6 +53,8 @@ REPO = HERE.parent
 BUILD_DIR = HERE / ".build"
 LOADGEN_SRC = HERE / "loadgen" / "main.go"
 LOADGEN_BIN = BUILD_DIR / "loadgen"
+GORILLA_SRC = HERE / "servers" / "gorilla" / "main.go"
+GORILLA_BIN = BUILD_DIR / "gorilla-server"
 RESULTS_DIR = HERE / "results"
 
 #: Where Debian's golang-*-dev packages put Go sources; the load generator is
@@ -77,6 +79,9 @@ class ServerSpec:
     note: str
     #: Run unless --servers names others; references outside the peer list are not.
     default: bool = True
+    #: A Go server: (source, binary) built like the load generator, run instead of
+    #: servers/<key>.py.
+    go_build: tuple[Path, Path] | None = None
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -101,6 +106,11 @@ SERVERS: tuple[ServerSpec, ...] = (
         "flask-sock-gunicorn", "Flask-Sock in gunicorn", "ws",
         "Flask-Sock (simple-websocket) under the same gunicorn command",
         default=False,
+    ),
+    ServerSpec(
+        "gorilla", "gorilla (Go)", "ws",
+        "gorilla/websocket from Debian, the hub pattern of its chat example",
+        go_build=(GORILLA_SRC, GORILLA_BIN),
     ),
     ServerSpec("raw-tcp", "raw-tcp", "tcp", "newline-delimited JSON, no WebSocket"),
     ServerSpec(
@@ -295,7 +305,13 @@ def go_env() -> dict[str, str]:
 
 
 def ensure_loadgen() -> Path:
-    """Build the load generator if it is missing or its source changed.
+    """Build the load generator if it is missing or its source changed."""
+    return ensure_go_binary(LOADGEN_SRC, LOADGEN_BIN)
+
+
+def ensure_go_binary(src: Path, binary: Path) -> Path:
+    """Build one Go program (the load generator, the gorilla server) if it is missing
+    or its source changed.
 
     Staleness is judged by a hash of the source, not mtimes, which a git
     checkout resets.
@@ -308,21 +324,21 @@ def ensure_loadgen() -> Path:
             "  apt-get update && apt-get install -y golang-go golang-github-gorilla-websocket-dev\n"
             "(or run benchmarks/install.sh)"
         )
-    digest = hashlib.sha256(LOADGEN_SRC.read_bytes()).hexdigest()
-    stamp = BUILD_DIR / "loadgen.sha256"
-    if LOADGEN_BIN.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return LOADGEN_BIN
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    stamp = binary.with_name(binary.name + ".sha256")
+    if binary.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return binary
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    print(f"bench: building {LOADGEN_BIN.relative_to(REPO)} ...", flush=True)
+    print(f"bench: building {binary.relative_to(REPO)} ...", flush=True)
     subprocess.run(
-        [go, "build", "-o", str(LOADGEN_BIN), str(LOADGEN_SRC)],
+        [go, "build", "-o", str(binary), str(src)],
         check=True,
         env=go_env(),
         cwd=HERE,
         timeout=300,
     )
     stamp.write_text(digest + "\n")
-    return LOADGEN_BIN
+    return binary
 
 
 # --------------------------------------------------------------------------- processes
@@ -358,13 +374,11 @@ class ServerProcess:
         self.log_path = log_dir / f"{spec.key}-{time.monotonic_ns()}.log"
         # Closed in stop(): the log outlives this method, not a with block.
         self._log = open(self.log_path, "w")  # noqa: SIM115
-        cmd = _taskset(cpus) + [
-            sys.executable,
-            "-u",
-            str(HERE / "servers" / f"{spec.key}.py"),
-            "--port",
-            "0",
-        ]
+        if spec.go_build is not None:
+            program = [str(spec.go_build[1])]
+        else:
+            program = [sys.executable, "-u", str(HERE / "servers" / f"{spec.key}.py")]
+        cmd = _taskset(cpus) + program + ["--port", "0"]
         # start_new_session: the whole group can be killed on the way out,
         # and Ctrl-C at the terminal reaches only bench.py, which then cleans up.
         self.proc = subprocess.Popen(
@@ -1020,6 +1034,12 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    # The gorilla server and the load generator's client: Debian's package.
+    dpkg = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "golang-github-gorilla-websocket-dev"],
+        check=False, capture_output=True, text=True, timeout=30,
+    )
+    out["gorilla/websocket (Debian)"] = dpkg.stdout.strip() or "unknown"
     return out
 
 
@@ -1185,6 +1205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         raise SystemExit("bench: the pinned placement needs taskset (util-linux) and 2 CPUs")
     loadgen = ensure_loadgen()
+    for spec in SERVERS:
+        if spec.key in args.servers and spec.go_build is not None:
+            ensure_go_binary(*spec.go_build)
     settings = Settings(
         duration=args.duration,
         warmup=args.warmup,

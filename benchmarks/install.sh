@@ -9,8 +9,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
 
-# The load generator is Go with gorilla/websocket, both from Debian, built in
-# GOPATH mode against /usr/share/gocode: no Go module download is involved.
+# The load generator and the gorilla server peer (servers/gorilla/main.go) are
+# Go with gorilla/websocket, both from Debian; bench.py builds them on first
+# use, in GOPATH mode against /usr/share/gocode: no Go module download is
+# involved.
 missing=()
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/gorilla/websocket ] || missing+=(golang-github-gorilla-websocket-dev)
