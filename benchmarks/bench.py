@@ -79,18 +79,23 @@ class ServerSpec:
     note: str
     #: Run unless --servers names others; references outside the peer list are not.
     default: bool = True
+    #: Has the fanout_start/fanout_stop routes the fan-out scenarios need.
+    fanout: bool = False
     #: A Go server: (source, binary) built like the load generator, run instead of
     #: servers/<key>.py.
     go_build: tuple[Path, Path] | None = None
 
 
 SERVERS: tuple[ServerSpec, ...] = (
-    ServerSpec("wsroute-sync", "wsroute_sync", "ws", "ours"),
+    ServerSpec("wsroute-sync", "wsroute_sync", "ws", "ours", fanout=True),
     ServerSpec(
         "wsroute-sync-workers2", "wsroute_sync workers=2", "ws",
         "ours, two worker processes on SO_REUSEPORT (pinned: both on the server's core)",
     ),
-    ServerSpec("websockets-sync", "websockets.sync", "ws", "python-websockets, threaded API"),
+    ServerSpec(
+        "websockets-sync", "websockets.sync", "ws", "python-websockets, threaded API",
+        fanout=True,
+    ),
     ServerSpec(
         "simple-websocket", "simple-websocket", "ws", "plain accept loop + simple_websocket.Server"
     ),
@@ -110,7 +115,7 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec(
         "gorilla", "gorilla (Go)", "ws",
         "gorilla/websocket from Debian, the hub pattern of its chat example",
-        go_build=(GORILLA_SRC, GORILLA_BIN),
+        fanout=True, go_build=(GORILLA_SRC, GORILLA_BIN),
     ),
     ServerSpec("raw-tcp", "raw-tcp", "tcp", "newline-delimited JSON, no WebSocket"),
     ServerSpec(
@@ -131,10 +136,12 @@ OURS = "wsroute-sync"
 class Scenario:
     key: str
     title: str
-    mode: str  # loadgen -mode: closed, churn or hold
+    mode: str  # loadgen -mode: closed, churn, hold or fanout
     conns: int
     payload: int
     quick_conns: int  # smaller size for --quick, where it matters
+    #: loadgen -source-addrs: connections spread over 127.0.0.1 .. 127.0.0.N
+    source_addrs: int = 1
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -147,7 +154,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         "idle", "idle memory, 2,000 connections after one request each", "hold", 2000, 64, 200
     ),
     Scenario("c10k", "10,000 concurrent connections, each answered once", "hold", 10000, 64, 1000),
+    Scenario(
+        "fanout2k", "fan-out: a 64 B broadcast every 20 ms to 2,000 clients", "fanout",
+        2000, 64, 200, source_addrs=4,
+    ),
+    Scenario(
+        "fanout10k", "fan-out: a 64 B broadcast every 20 ms to 10,000 clients", "fanout",
+        10000, 64, 1000, source_addrs=4,
+    ),
 )
+
+#: The fan-out scenarios' broadcast period, asked of the server by the load generator.
+FANOUT_INTERVAL_MS = 20
 
 #: placement -> (server's taskset CPU list, load generator's), None = unpinned.
 PLACEMENTS: dict[str, tuple[str | None, str | None]] = {
@@ -568,7 +586,10 @@ def loadgen_args(scenario: Scenario, spec: ServerSpec, settings: Settings, conns
         "-io-timeout", f"{settings.io_timeout}s",
         "-dial-concurrency", str(settings.dial_concurrency),
         "-request-concurrency", str(settings.request_concurrency),
+        "-source-addrs", str(scenario.source_addrs),
     ]  # fmt: skip
+    if scenario.mode == "fanout":
+        args += ["-fanout-interval", f"{FANOUT_INTERVAL_MS}ms", "-fanout-size", str(scenario.payload)]
     return args
 
 
@@ -603,8 +624,8 @@ def run_one(
             run_loadgen(loadgen, server, [*warm, "-warmup", "0s"], loadgen_cpus, 60, log_dir)
             time.sleep(settings.settle / 2)
             baseline = sample_proc(server.pid)
-        if scenario.mode == "hold":
-            timeout = 120 + conns * 0.05  # 10k connections: 10 minutes at most
+        if scenario.mode in ("hold", "fanout"):
+            timeout = 120 + conns * 0.05 + settings.warmup + settings.duration  # 10k: ~10 min
         else:
             timeout = settings.warmup + settings.duration + 90
         outcome = run_loadgen(
@@ -669,6 +690,20 @@ def summarise(
         out["other_cpu_share"] = max(0.0, other) / max(1e-9, end.t - start.t)
     if final:
         out["server_peak_rss_mib"] = final.hwm_kib / 1024
+    if scenario.mode == "fanout":
+        out.update(
+            held=r.get("held", 0),
+            ticks=r.get("ticks", 0),
+            tick_rate=r.get("tick_rate"),
+            expected=r.get("expected", 0),
+            sent_delivered=r.get("sent_delivered", 0),
+            missed=r.get("missed", 0),
+            # Of the messages the server sent in the window (ticks x clients), the
+            # share that reached their client before the run ended.
+            delivered_pct=(
+                100 * r.get("sent_delivered", 0) / r["expected"] if r.get("expected") else None
+            ),
+        )
     if scenario.mode == "hold":
         held_n = r.get("held", 0)
         out.update(
@@ -790,6 +825,21 @@ HOLD_COLUMNS: list[Column] = [
     ("other CPU %", "other_cpu_pct", ".0f"),
 ]
 
+FANOUT_COLUMNS: list[Column] = [
+    ("clients", "held", ",.0f"),
+    ("delivered/s", "rate", ",.0f"),
+    ("ticks/s", "tick_rate", ".1f"),
+    ("delivered %", "delivered_pct", ".1f"),
+    ("p50 ms", "p50_ms", ".2f"),
+    ("p99 ms", "p99_ms", ".2f"),
+    ("max ms", "max_ms", ".1f"),
+    ("srv CPU µs/msg", "server_cpu_us_per_op", ",.1f"),
+    ("srv CPU %", "server_cpu_pct", ".0f"),
+    ("srv RSS MiB", "server_rss_mib", ".1f"),
+    ("loadgen CPU %", "loadgen_cpu_pct", ".0f"),
+    ("other CPU %", "other_cpu_pct", ".0f"),
+]
+
 #: Background CPU (percent of one core) above which a row is flagged noisy.
 NOISY_OTHER_CPU_PCT = 15.0
 
@@ -810,6 +860,12 @@ RATIO_METRICS: dict[str, list[tuple[str, bool, str]]] = {
         ("p99_ms", False, "answer p99"),
         ("connect_rate", True, "connect rate"),
     ],
+    "fanout": [
+        ("rate", True, "delivered/s"),
+        ("p50_ms", False, "p50"),
+        ("p99_ms", False, "p99"),
+        ("server_cpu_us_per_op", False, "CPU/msg"),
+    ],
 }
 
 
@@ -817,6 +873,7 @@ RATIO_METRICS: dict[str, list[tuple[str, bool, str]]] = {
 MEDIAN_KEYS = (
     "rate", "p50_ms", "p99_ms", "server_cpu_us_per_op", "server_rss_mib",
     "rss_kib_per_conn", "fds_per_conn", "threads_per_conn", "connect_rate", "held",
+    "max_ms", "tick_rate", "delivered_pct",
 )  # fmt: skip
 
 
@@ -843,6 +900,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["close_unclean"] = sum(r["close_unclean"] for r in records)
     out["close_slow"] = sum(r["close_slow"] for r in records)
     out["listen_drops"] = sum(r["listen_drops"] or 0 for r in records)
+    out["missed"] = sum(r.get("missed") or 0 for r in records)
     return out
 
 
@@ -852,9 +910,10 @@ def render_table(
     rows: dict[str, dict[str, Any]],
     skipped: dict[str, str],
 ) -> str:
-    columns = {"closed": CLOSED_COLUMNS, "churn": CHURN_COLUMNS, "hold": HOLD_COLUMNS}[
-        scenario.mode
-    ]
+    columns = {
+        "closed": CLOSED_COLUMNS, "churn": CHURN_COLUMNS, "hold": HOLD_COLUMNS,
+        "fanout": FANOUT_COLUMNS,
+    }[scenario.mode]
     header = ["server"] + [c[0] for c in columns] + ["errors", "notes"]
     body: list[list[str]] = []
     for spec in SERVERS:
@@ -873,6 +932,8 @@ def render_table(
                 notes.append(f"NOISY: other processes used {agg['other_cpu_pct']:.0f}% of a core")
             if agg["listen_drops"]:
                 notes.append(f"{agg['listen_drops']:,} SYNs dropped (accept queue full)")
+            if agg["missed"]:
+                notes.append(f"{agg['missed']:,} broadcasts missed (sequence gaps)")
             body.append(
                 [spec.label]
                 + [_fmt(agg.get(key), fmt) for _, key, fmt in columns]
@@ -1122,12 +1183,15 @@ class Session:
         tag = f"{scenario.key:8} {placement:8} {rounds}  {spec.label:17}"
         conns = scenario_conns(scenario, self.settings)
         try:
-            if scenario.mode == "hold" and conns > 2000:
+            reason: str | None = None
+            if scenario.mode == "fanout" and not spec.fanout:
+                reason = "no fan-out mode"
+            elif scenario.mode in ("hold", "fanout") and conns > 2000:
                 reason = self._capacity_skip(spec, placement, conns)
-                if reason:
-                    self.scenario_skips[(spec.key, scenario.key, placement)] = reason
-                    print(f"{tag} skipped: {reason}", flush=True)
-                    return
+            if reason:
+                self.scenario_skips[(spec.key, scenario.key, placement)] = reason
+                print(f"{tag} skipped: {reason}", flush=True)
+                return
             # The per-run wait is capped by what is left of the session's
             # budget, so a machine that never goes quiet costs bounded time.
             max_wait = min(self.args.quiet_wait, self.quiet_budget_left)
@@ -1183,6 +1247,12 @@ def describe(rec: dict[str, Any], scenario: Scenario) -> str:
         text = (
             f"held {rec.get('held', 0):,}, {_fmt(rec.get('rss_kib_per_conn'), '.1f')} KiB/conn, "
             f"connect {_fmt(rec.get('connect_rate'), ',.0f')}/s"
+        )
+    elif scenario.mode == "fanout":
+        text = (
+            f"{rec.get('held', 0):,} clients, {rec['rate']:,.0f} delivered/s "
+            f"({_fmt(rec.get('delivered_pct'), '.1f')}% of {_fmt(rec.get('tick_rate'), '.1f')} "
+            f"ticks/s), p50 {rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms"
         )
     else:
         text = f"{rec['rate']:,.0f}/s, p99 {rec['p99_ms']:.2f} ms"

@@ -17,6 +17,16 @@
 //	        once), then every connection sends one request at the same time;
 //	        then hold them open until a line arrives on stdin (bench.py reads
 //	        the server's memory meanwhile) or -hold-max passes.
+//	fanout  open -conns connections, then ask the server on one more (the
+//	        control connection) to broadcast a -fanout-size message every
+//	        -fanout-interval ("fanout_start"); for -warmup then -duration,
+//	        every client reads the broadcasts and records the delivery
+//	        latency: its receive time minus the send time the message
+//	        carries (wall clock ns, same host). Then "fanout_stop", and the
+//	        clients close.
+//
+// -source-addrs N spreads the connections over the loopback source addresses
+// 127.0.0.1 .. 127.0.0.N, each with its own ephemeral port range.
 //
 // Protocol with bench.py on stdout: "EVENT <name>" lines mark the moments the
 // runner must sample the server's /proc counters; the last line is
@@ -26,6 +36,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -33,6 +44,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sort"
 	"strconv"
 	"sync"
@@ -65,6 +77,9 @@ type config struct {
 	holdMax            time.Duration
 	closeWait          time.Duration
 	maxErrorLogs       int64
+	sourceAddrs        int
+	fanoutInterval     time.Duration
+	fanoutSize         int
 }
 
 // result is printed as the final "RESULT" line and parsed by bench.py.
@@ -96,6 +111,17 @@ type result struct {
 	ConnectRate float64 `json:"connect_rate,omitempty"`
 	AnswerSec   float64 `json:"answer_s,omitempty"`
 	Held        int64   `json:"held,omitempty"`
+	// fanout mode only. Count, Rate and the latencies are of the broadcasts
+	// received inside the window. Ticks are the broadcasts the server sent
+	// inside it (by the send time they carry: highest sequence number minus
+	// lowest, plus one); Expected is Ticks * Held, and SentDelivered how many
+	// of those reached their client before the run ended. Missed counts gaps
+	// in the sequence numbers a client received.
+	Ticks         int64   `json:"ticks,omitempty"`
+	TickRate      float64 `json:"tick_rate,omitempty"`
+	Expected      int64   `json:"expected,omitempty"`
+	SentDelivered int64   `json:"sent_delivered,omitempty"`
+	Missed        int64   `json:"missed,omitempty"`
 }
 
 // errorCounter keeps per-kind counts and logs the first few errors in full.
@@ -137,6 +163,17 @@ func cpuSeconds() float64 {
 	}
 	return float64(ru.Utime.Sec) + float64(ru.Utime.Usec)/1e6 +
 		float64(ru.Stime.Sec) + float64(ru.Stime.Usec)/1e6
+}
+
+// raiseFdLimit lifts the soft RLIMIT_NOFILE to the hard one (10,000 sockets
+// need it; Go 1.19 does this itself for programs that import os, said here
+// so that it doesn't depend on the toolchain).
+func raiseFdLimit() {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
 }
 
 // stdoutMu keeps EVENT and RESULT lines whole when several goroutines print.
@@ -237,9 +274,36 @@ func bufferSize(payload int) int {
 	return n
 }
 
+// dialSeq picks the next source address for -source-addrs.
+var dialSeq uint64
+
+// netDialer returns the dialer for the next connection: with -source-addrs N,
+// bound to 127.0.0.1+(k mod N). IP_BIND_ADDRESS_NO_PORT leaves the port choice
+// to connect(), so each source address has the whole ephemeral range per
+// destination instead of one port per bind.
+func netDialer(cfg *config) *net.Dialer {
+	d := &net.Dialer{Timeout: cfg.ioTimeout}
+	if cfg.sourceAddrs > 1 {
+		k := atomic.AddUint64(&dialSeq, 1) % uint64(cfg.sourceAddrs)
+		d.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+k))}
+		d.Control = func(network, address string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				const ipBindAddressNoPort = 24 // linux/in.h
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	return d
+}
+
 func dial(cfg *config) (client, error) {
 	if cfg.proto == "tcp" {
-		c, err := net.DialTimeout("tcp", cfg.addr, cfg.ioTimeout)
+		c, err := netDialer(cfg).Dial("tcp", cfg.addr)
 		if err != nil {
 			return nil, err
 		}
@@ -249,6 +313,7 @@ func dial(cfg *config) (client, error) {
 		return &tcpClient{conn: c, rd: bufio.NewReaderSize(c, bufferSize(cfg.payload)), timeout: cfg.ioTimeout}, nil
 	}
 	d := websocket.Dialer{
+		NetDial:           netDialer(cfg).Dial,
 		HandshakeTimeout:  cfg.ioTimeout,
 		ReadBufferSize:    bufferSize(cfg.payload),
 		WriteBufferSize:   bufferSize(cfg.payload),
@@ -687,6 +752,572 @@ func runHold(cfg *config, errs *errorCounter, res *result) {
 	closeAll(cfg, clients, errs, res)
 }
 
+// ---------------------------------------------------------------- fan-out
+
+// parseBroadcast reads seq and t from {"seq":N,"t":T,...}, the fixed layout
+// every fan-out peer sends (servers/_common.py fanout_message and
+// servers/gorilla/main.go broadcastMessage).
+func parseBroadcast(b []byte) (seq, t int64, ok bool) {
+	const seqKey, tKey = `{"seq":`, `,"t":`
+	if !bytes.HasPrefix(b, []byte(seqKey)) {
+		return 0, 0, false
+	}
+	seq, i, ok := digits(b, len(seqKey))
+	if !ok || !bytes.HasPrefix(b[i:], []byte(tKey)) {
+		return 0, 0, false
+	}
+	t, _, ok = digits(b, i+len(tKey))
+	return seq, t, ok
+}
+
+func digits(b []byte, i int) (int64, int, bool) {
+	start := i
+	var v int64
+	for i < len(b) && b[i] >= '0' && b[i] <= '9' && i-start < 19 {
+		v = v*10 + int64(b[i]-'0')
+		i++
+	}
+	return v, i, i > start
+}
+
+// fanoutWindow is the measurement window in wall-clock ns, [start, end),
+// end = start + -duration: a broadcast counts as received in it by its
+// receive time, as sent in it by the send time it carries.
+type fanoutWindow struct {
+	closing    int32 // 1 once Close frames are being sent
+	start, end int64 // start is stored (atomically) after end
+}
+
+// fanConn is one client once its handshake is done: a socket the epoll
+// readers read and that runFanout writes its Close frame to. Only the reader
+// goroutine its fd is registered with touches the rest.
+type fanConn struct {
+	fd   int
+	buf  []byte // bytes read but not yet a whole frame
+	done chan struct{}
+	// Received inside the window (receive time).
+	count   int64
+	samples latencies
+	// Sent inside the window (the send time they carry), received at any time
+	// before the end of the run.
+	sentCount      int64
+	minSeq, maxSeq int64 // of those; -1 = none
+	missed         int64 // gaps in the sequence numbers
+	last           int64
+	// Close handshake: 0 open, 1 our Close sent, 2 the server's Close read.
+	// Atomic: the closing goroutine moves it to 1, the reader to 2.
+	closeState int32
+	deadline   int64 // unix ns, atomic: when the close handshake's current step times out
+	outcome    string
+	finished   bool
+}
+
+// fanoutReaders reads every client's broadcasts with one goroutine per core,
+// each polling its own epoll set once per readerPause, instead of a goroutine
+// per connection: at thousands of clients, a goroutine wake-up per message
+// cost the load generator 11-13 µs a message, most of a core on this 2-core
+// machine, taken from the server it measures (a blocking epoll_wait on a
+// locked thread still cost ~0.8 context switches a message). Each socket is
+// taken out of Go's own poller (its fd duplicated, the gorilla connection
+// that made the handshake closed), or every message would also wake Go's
+// netpoller thread. Server frames are parsed here (unmasked, unfragmented:
+// the 64-byte broadcasts always are), and the client's Close frame is
+// written here.
+//
+// Receive times are the kernel's (SO_TIMESTAMPNS, CLOCK_REALTIME: when the
+// data reached the client's socket), so neither the pause between polls nor
+// the readers' own scheduling shows up in the latencies.
+type fanoutReaders struct {
+	cfg   *config
+	errs  *errorCounter
+	win   *fanoutWindow
+	epfds []int
+	conns [][]*fanConn // per reader
+	wg    sync.WaitGroup
+	stop  int32
+}
+
+func newFanoutReaders(cfg *config, errs *errorCounter, win *fanoutWindow, n int) (*fanoutReaders, error) {
+	r := &fanoutReaders{cfg: cfg, errs: errs, win: win, conns: make([][]*fanConn, n)}
+	for i := 0; i < n; i++ {
+		fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+		if err != nil {
+			r.closeEpoll()
+			return nil, err
+		}
+		r.epfds = append(r.epfds, fd)
+	}
+	return r, nil
+}
+
+func (r *fanoutReaders) closeEpoll() {
+	for _, fd := range r.epfds {
+		_ = syscall.Close(fd)
+	}
+}
+
+// add hands one connection to reader k: its socket, duplicated, leaves the
+// gorilla connection (closed, which takes the original fd out of Go's
+// poller) for reader k's epoll set. Called before the server sends anything
+// after the handshake, so gorilla has buffered nothing.
+func (r *fanoutReaders) add(k int, w *wsClient) (*fanConn, error) {
+	c := &fanConn{fd: -1, minSeq: -1, maxSeq: -1, last: -1, done: make(chan struct{})}
+	sc, ok := w.conn.UnderlyingConn().(syscall.Conn)
+	if !ok {
+		return nil, errors.New("not a socket")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var derr error
+	if err := raw.Control(func(fd uintptr) { c.fd, derr = syscall.Dup(int(fd)) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, derr
+	}
+	syscall.CloseOnExec(c.fd)
+	_ = w.conn.Close() // the socket lives on in c.fd, non-blocking, as Go left it
+	if err := syscall.SetsockoptInt(c.fd, syscall.SOL_SOCKET, soTimestampNS, 1); err != nil {
+		_ = syscall.Close(c.fd)
+		return nil, err
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP, Fd: int32(len(r.conns[k]))}
+	if err := syscall.EpollCtl(r.epfds[k], syscall.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+		_ = syscall.Close(c.fd)
+		return nil, err
+	}
+	r.conns[k] = append(r.conns[k], c)
+	return c, nil
+}
+
+func (r *fanoutReaders) run() {
+	for k := range r.epfds {
+		r.wg.Add(1)
+		go r.loop(k)
+	}
+}
+
+// readerPause: how long a reader sleeps between polls, so that each poll
+// takes many messages; the kernel's timestamps keep it out of the latencies,
+// and it is far below one 20 ms tick.
+const readerPause = time.Millisecond
+
+// soTimestampNS is SO_TIMESTAMPNS (asm-generic/socket.h); the control message
+// it adds to recvmsg has the same type.
+const soTimestampNS = 35
+
+func (r *fanoutReaders) loop(k int) {
+	defer r.wg.Done()
+	events := make([]syscall.EpollEvent, 1024)
+	buf := make([]byte, 64*1024)
+	oob := make([]byte, 256)
+	conns := r.conns[k]
+	open := len(conns)
+	var swept int64
+	for open > 0 && atomic.LoadInt32(&r.stop) == 0 {
+		n, err := syscall.EpollWait(r.epfds[k], events, 0) // never blocks
+		if err != nil && err != syscall.EINTR {
+			r.errs.add("epoll", err)
+			return
+		}
+		now := time.Now().UnixNano()
+		for _, ev := range events[:max(n, 0)] {
+			c := conns[ev.Fd]
+			if c.finished {
+				continue
+			}
+			r.readOnce(c, buf, oob, now)
+			if c.finished {
+				open--
+			}
+		}
+		if n < len(events) {
+			time.Sleep(readerPause) // else more are ready: poll again at once
+		}
+		if atomic.LoadInt32(&r.win.closing) == 1 && now-swept > int64(100*time.Millisecond) {
+			swept = now
+			for _, c := range conns { // time-outs of close handshakes
+				state, deadline := atomic.LoadInt32(&c.closeState), atomic.LoadInt64(&c.deadline)
+				if !c.finished && state > 0 && deadline > 0 && now > deadline {
+					if state == 2 {
+						r.finish(c, "slow")
+					} else {
+						r.errs.add("close_read", errors.New("no Close frame from the server before the deadline"))
+						r.finish(c, "")
+					}
+					open--
+				}
+			}
+		}
+	}
+}
+
+func max(a, b int) int {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+func (r *fanoutReaders) finish(c *fanConn, outcome string) {
+	c.outcome = outcome
+	c.finished = true
+	for _, fd := range r.epfds { // whichever set holds it
+		_ = syscall.EpollCtl(fd, syscall.EPOLL_CTL_DEL, c.fd, nil)
+	}
+	close(c.done)
+}
+
+// readOnce reads what the socket holds (level-triggered: more is reported
+// again) and handles every whole frame in it.
+func (r *fanoutReaders) readOnce(c *fanConn, buf, oob []byte, now int64) {
+	n, oobn, _, _, err := syscall.Recvmsg(c.fd, buf, oob, 0)
+	if err == syscall.EAGAIN || err == syscall.EINTR {
+		return
+	}
+	if ts := rxTimestamp(oob[:oobn]); ts > 0 {
+		now = ts
+	}
+	if n <= 0 { // EOF or error
+		closing := atomic.LoadInt32(&r.win.closing) == 1
+		switch {
+		case atomic.LoadInt32(&c.closeState) == 2: // both Close frames exchanged: the server closed TCP
+			r.finish(c, "clean")
+		case closing && (err == nil || isReset(err)):
+			r.finish(c, "unclean")
+		default:
+			if err == nil {
+				err = io.EOF
+			}
+			r.errs.add("fanout_read", fmt.Errorf("server ended a reading client: %w", err))
+			r.finish(c, "")
+		}
+		return
+	}
+	data := buf[:n]
+	if len(c.buf) > 0 {
+		c.buf = append(c.buf, data...)
+		data = c.buf
+	}
+	for {
+		payload, op, size, ferr := nextFrame(data)
+		if ferr != nil {
+			r.errs.add("bad_frame", ferr)
+			r.finish(c, "")
+			return
+		}
+		if size == 0 {
+			break // incomplete
+		}
+		r.frame(c, op, payload, now)
+		data = data[size:]
+		if c.finished {
+			return
+		}
+	}
+	c.buf = append(c.buf[:0], data...)
+}
+
+// rxTimestamp finds the SCM_TIMESTAMPNS control message: the time the last
+// segment read arrived. All frames of one read get it; they arrived since
+// the previous read of the socket, normally within one readerPause, so a
+// latency is overstated by about that much at most. 0 if absent.
+func rxTimestamp(oob []byte) int64 {
+	const hdr = 16 // struct cmsghdr on 64-bit Linux: len uint64, level int32, type int32
+	for len(oob) >= hdr {
+		l := int(binary.LittleEndian.Uint64(oob[0:8]))
+		level := int32(binary.LittleEndian.Uint32(oob[8:12]))
+		typ := int32(binary.LittleEndian.Uint32(oob[12:16]))
+		if l < hdr || l > len(oob) {
+			return 0
+		}
+		if level == syscall.SOL_SOCKET && typ == soTimestampNS && l >= hdr+16 {
+			sec := int64(binary.LittleEndian.Uint64(oob[hdr : hdr+8]))
+			nsec := int64(binary.LittleEndian.Uint64(oob[hdr+8 : hdr+16]))
+			return sec*1e9 + nsec
+		}
+		oob = oob[(l+7)&^7:]
+	}
+	return 0
+}
+
+// nextFrame parses one unmasked, final server frame; size 0 = need more bytes.
+func nextFrame(b []byte) (payload []byte, op byte, size int, err error) {
+	if len(b) < 2 {
+		return nil, 0, 0, nil
+	}
+	fin, op, masked := b[0]&0x80 != 0, b[0]&0x0f, b[1]&0x80 != 0
+	if !fin || masked || b[0]&0x70 != 0 {
+		return nil, 0, 0, fmt.Errorf("unexpected frame header %#x %#x (fragmented, masked or RSV)", b[0], b[1])
+	}
+	n, head := int(b[1]&0x7f), 2
+	switch n {
+	case 126:
+		if len(b) < 4 {
+			return nil, 0, 0, nil
+		}
+		n, head = int(b[2])<<8|int(b[3]), 4
+	case 127:
+		if len(b) < 10 {
+			return nil, 0, 0, nil
+		}
+		var v uint64
+		for _, x := range b[2:10] {
+			v = v<<8 | uint64(x)
+		}
+		if v > 1<<20 {
+			return nil, 0, 0, fmt.Errorf("frame of %d bytes", v)
+		}
+		n, head = int(v), 10
+	}
+	if len(b) < head+n {
+		return nil, 0, 0, nil
+	}
+	return b[head : head+n], op, head + n, nil
+}
+
+func (r *fanoutReaders) frame(c *fanConn, op byte, payload []byte, now int64) {
+	switch op {
+	case websocket.TextMessage:
+	case websocket.CloseMessage:
+		if atomic.LoadInt32(&c.closeState) == 1 {
+			atomic.StoreInt64(&c.deadline, now+int64(r.cfg.closeWait))
+			atomic.StoreInt32(&c.closeState, 2)
+			return
+		}
+		r.errs.add("fanout_read", fmt.Errorf("server closed a reading client: %q", truncate(payload)))
+		r.finish(c, "")
+		return
+	case websocket.PingMessage, websocket.PongMessage:
+		return // no peer pings in this scenario; nothing to answer
+	default:
+		r.errs.add("wrong_frame_type", fmt.Errorf("broadcast frame type %d, want text", op))
+		return
+	}
+	seq, sent, ok := parseBroadcast(payload)
+	if !ok {
+		r.errs.add("wrong_broadcast", fmt.Errorf("not a broadcast: %q", truncate(payload)))
+		return
+	}
+	if c.last >= 0 && seq > c.last+1 {
+		c.missed += seq - c.last - 1
+	}
+	c.last = seq
+	if start := atomic.LoadInt64(&r.win.start); start > 0 && now >= start && now < r.win.end {
+		c.count++
+		if len(c.samples) < maxSamplesPerWorker {
+			c.samples = append(c.samples, time.Duration(now-sent))
+		}
+	}
+	if start := atomic.LoadInt64(&r.win.start); start > 0 && sent >= start && sent < r.win.end {
+		c.sentCount++
+		if c.minSeq < 0 || seq < c.minSeq {
+			c.minSeq = seq
+		}
+		if seq > c.maxSeq {
+			c.maxSeq = seq
+		}
+	}
+}
+
+// controlConn is the connection that starts and stops the broadcasts. It is
+// a client like the others to the server, so it gets them too; a goroutine
+// reads them (a client that stopped reading would in the end be dropped, by
+// some servers) and passes on the replies.
+type controlConn struct {
+	w       *wsClient
+	timeout time.Duration
+	replies chan []byte
+}
+
+func newControlConn(cfg *config, w *wsClient) *controlConn {
+	c := &controlConn{w: w, timeout: cfg.ioTimeout, replies: make(chan []byte, 4)}
+	go func() { // ends when the connection does
+		defer close(c.replies)
+		for {
+			_, data, err := w.conn.ReadMessage()
+			if err != nil {
+				return
+			}
+			if _, _, isBroadcast := parseBroadcast(data); !isBroadcast {
+				c.replies <- data
+			}
+		}
+	}()
+	return c
+}
+
+// call sends one request and waits for its reply, {"fanout":want}.
+func (c *controlConn) call(route, params, want string) error {
+	deadline := time.Now().Add(c.timeout)
+	_ = c.w.conn.SetWriteDeadline(deadline)
+	msg := `{"Route":"` + route + `","Params":` + params + `}`
+	if err := c.w.conn.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+		return err
+	}
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case data, ok := <-c.replies:
+		if !ok {
+			return fmt.Errorf("%s: the connection ended", route)
+		}
+		var obj map[string]interface{}
+		if json.Unmarshal(data, &obj) != nil || obj["fanout"] != want {
+			return fmt.Errorf("%s: unexpected reply %q", route, truncate(data))
+		}
+		return nil
+	case <-timer.C:
+		return fmt.Errorf("%s: no reply before the deadline", route)
+	}
+}
+
+// close sends a Close frame and waits for the reader goroutine to see the
+// server's (counted as a clean close without waiting for TCP's).
+func (c *controlConn) close(errs *errorCounter, res *result) {
+	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "")
+	_ = c.w.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(c.timeout))
+	timer := time.NewTimer(c.timeout)
+	defer timer.Stop()
+	for {
+		select {
+		case _, ok := <-c.replies:
+			if ok {
+				continue
+			}
+			res.CloseClean++
+		case <-timer.C:
+			errs.add("close_read", errors.New("control connection: no close before the deadline"))
+		}
+		c.w.abort()
+		return
+	}
+}
+
+func runFanout(cfg *config, errs *errorCounter, res *result) {
+	if cfg.proto != "ws" {
+		fmt.Fprintln(os.Stderr, "loadgen: -mode fanout needs -proto ws")
+		os.Exit(2)
+	}
+	clients := dialAll(cfg, errs, false)
+	c, err := dial(cfg)
+	if err != nil {
+		errs.add("connect", err)
+		closeAll(cfg, clients, errs, res)
+		return
+	}
+	win := &fanoutWindow{}
+	readers, err := newFanoutReaders(cfg, errs, win, runtime.GOMAXPROCS(0))
+	if err != nil {
+		errs.add("epoll", err)
+		closeAll(cfg, append(clients, c), errs, res)
+		return
+	}
+	ctl := newControlConn(cfg, c.(*wsClient))
+	defer readers.closeEpoll()
+	fcs := make([]*fanConn, 0, len(clients))
+	for i, c := range clients {
+		if c == nil {
+			continue
+		}
+		fc, err := readers.add(i%len(readers.epfds), c.(*wsClient))
+		if err != nil {
+			errs.add("epoll", err)
+			continue
+		}
+		fcs = append(fcs, fc)
+	}
+	res.Held = int64(len(fcs))
+	readers.run()
+
+	params := fmt.Sprintf(`{"interval_ms":%d,"size":%d}`,
+		cfg.fanoutInterval.Milliseconds(), cfg.fanoutSize)
+	if err := ctl.call("fanout_start", params, "started"); err != nil {
+		errs.add("fanout_start", err)
+	} else {
+		time.Sleep(cfg.warmup)
+		cpu0 := cpuSeconds()
+		t0 := time.Now()
+		win.end = t0.UnixNano() + int64(cfg.duration)
+		atomic.StoreInt64(&win.start, t0.UnixNano())
+		emit("EVENT window_start")
+		time.Sleep(time.Until(time.Unix(0, win.end)))
+		res.WindowSec = cfg.duration.Seconds() // the window is judged by timestamps
+		res.CPUSec = cpuSeconds() - cpu0
+		emit("EVENT window_end")
+		if err := ctl.call("fanout_stop", "null", "stopped"); err != nil {
+			errs.add("fanout_stop", err)
+		}
+	}
+	// Close every client, at most -dial-concurrency close handshakes in
+	// flight, as closeAll does; the readers see each one through.
+	atomic.StoreInt32(&win.closing, 1)
+	// A client's Close frame, code 1000: masked (all-zero key, which RFC 6455
+	// allows; nothing here needs it unpredictable).
+	msg := []byte{0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8}
+	sem := make(chan struct{}, cfg.dialConcurrency)
+	var cw sync.WaitGroup
+	for _, fc := range fcs {
+		sem <- struct{}{}
+		cw.Add(1)
+		go func(fc *fanConn) {
+			defer cw.Done()
+			defer func() { <-sem }()
+			// The deadline is stored before the state, so a reader that sees
+			// state 1 sees the deadline too.
+			atomic.StoreInt64(&fc.deadline, time.Now().Add(cfg.ioTimeout).UnixNano())
+			atomic.StoreInt32(&fc.closeState, 1)
+			if _, err := syscall.Write(fc.fd, msg); err != nil {
+				errs.add("close_write", err) // 8 bytes into an idle socket: never EAGAIN
+			}
+			select {
+			case <-fc.done:
+			case <-time.After(cfg.ioTimeout + cfg.closeWait + time.Second):
+				// Only if a reader died: its own deadlines end every handshake.
+				errs.add("close_timeout", errors.New("close handshake never finished"))
+			}
+			_ = syscall.Close(fc.fd) // the reader has let it go (or died)
+		}(fc)
+	}
+	cw.Wait()
+	atomic.StoreInt32(&readers.stop, 1)
+	readers.wg.Wait()
+	ctl.close(errs, res)
+
+	var all latencies
+	minSeq, maxSeq := int64(-1), int64(-1)
+	var sent int64
+	for _, fc := range fcs {
+		res.Count += fc.count
+		res.Missed += fc.missed
+		sent += fc.sentCount
+		all = append(all, fc.samples...)
+		if fc.minSeq >= 0 && (minSeq < 0 || fc.minSeq < minSeq) {
+			minSeq = fc.minSeq
+		}
+		if fc.maxSeq > maxSeq {
+			maxSeq = fc.maxSeq
+		}
+		switch fc.outcome {
+		case "clean":
+			res.CloseClean++
+		case "unclean":
+			res.CloseUnclean++
+		case "slow":
+			res.CloseSlow++
+		}
+	}
+	if minSeq >= 0 {
+		res.Ticks = maxSeq - minSeq + 1
+		res.Expected = res.Ticks * res.Held
+		res.SentDelivered = sent
+		res.TickRate = float64(res.Ticks) / cfg.duration.Seconds()
+	}
+	fillLatency(res, all)
+}
+
 // dialAll opens cfg.conns connections with at most cfg.dialConcurrency
 // handshakes in flight, so a slow accept loop sees a queue, not a SYN flood.
 // held: start each connection's reader as soon as it is open, since the
@@ -756,7 +1387,7 @@ func main() {
 	cfg := &config{}
 	flag.StringVar(&cfg.addr, "addr", "127.0.0.1:8000", "server host:port (loopback only)")
 	flag.StringVar(&cfg.proto, "proto", "ws", "ws or tcp")
-	flag.StringVar(&cfg.mode, "mode", "closed", "closed, churn or hold")
+	flag.StringVar(&cfg.mode, "mode", "closed", "closed, churn, hold or fanout")
 	flag.IntVar(&cfg.conns, "conns", 1, "connections (closed, hold) or parallel loops (churn)")
 	flag.IntVar(&cfg.payload, "payload", 64, "payload bytes in Params.message")
 	flag.DurationVar(&cfg.warmup, "warmup", time.Second, "traffic before the window opens")
@@ -767,6 +1398,9 @@ func main() {
 	flag.DurationVar(&cfg.holdMax, "hold-max", 120*time.Second, "hold mode: longest wait for release on stdin")
 	flag.DurationVar(&cfg.closeWait, "close-wait", 2*time.Second, "how long to wait for the server to close TCP")
 	flag.Int64Var(&cfg.maxErrorLogs, "max-error-logs", 10, "errors printed in full to stderr")
+	flag.IntVar(&cfg.sourceAddrs, "source-addrs", 1, "spread connections over 127.0.0.1 .. 127.0.0.N")
+	flag.DurationVar(&cfg.fanoutInterval, "fanout-interval", 20*time.Millisecond, "fanout mode: broadcast period asked of the server")
+	flag.IntVar(&cfg.fanoutSize, "fanout-size", 64, "fanout mode: broadcast message size in bytes asked of the server")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(cfg.addr)
@@ -783,6 +1417,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "loadgen: -conns, -payload and -dial-concurrency must be >= 1")
 		os.Exit(2)
 	}
+	if cfg.sourceAddrs < 1 || cfg.sourceAddrs > 250 || cfg.fanoutInterval < time.Millisecond || cfg.fanoutSize < 48 {
+		fmt.Fprintln(os.Stderr, "loadgen: -source-addrs 1..250, -fanout-interval >= 1ms, -fanout-size >= 48")
+		os.Exit(2)
+	}
+	raiseFdLimit()
 
 	errs := &errorCounter{counts: map[string]int64{}, limit: cfg.maxErrorLogs}
 	res := &result{Mode: cfg.mode, Proto: cfg.proto, Conns: cfg.conns, Payload: cfg.payload}
@@ -793,6 +1432,8 @@ func main() {
 		runChurn(cfg, errs, res)
 	case "hold":
 		runHold(cfg, errs, res)
+	case "fanout":
+		runFanout(cfg, errs, res)
 	default:
 		fmt.Fprintf(os.Stderr, "loadgen: unknown -mode %q\n", cfg.mode)
 		os.Exit(2)

@@ -16,10 +16,12 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 __all__ = [
-    "BACKLOG", "dispatch", "free_port", "parse_args", "prepare_process", "ready", "serve_threads",
+    "BACKLOG", "Ticker", "dispatch", "fanout_message", "free_port", "parse_args",
+    "prepare_process", "ready", "register", "serve_threads",
 ]
 
 #: One listen() backlog for every server we configure. The peers' defaults
@@ -33,6 +35,11 @@ def _echo(params: Any) -> Any:
 
 
 _ROUTES: dict[str, Callable[[Any], Any]] = {"echo": _echo}
+
+
+def register(name: str, handler: Callable[[Any], Any]) -> None:
+    """Add a route to :func:`dispatch` (the fan-out peers add ``fanout_start``/``_stop``)."""
+    _ROUTES[name] = handler
 
 
 def dispatch(raw: str | bytes) -> str:
@@ -105,3 +112,65 @@ def serve_threads(description: str, handle: Callable[[socket.socket], None]) -> 
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=handle, args=(sock,), daemon=True).start()
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+def fanout_message(seq: int, size: int = 64) -> str:
+    """The broadcast payload: ``{"seq":N,"t":<unix ns>,"pad":"xx.."}``, ``size`` bytes.
+
+    ``t`` is the wall clock (``time.time_ns``, CLOCK_REALTIME) when the tick fired; the
+    load generator, on the same host, subtracts it from its receive time. The Go peer
+    builds the same bytes (servers/gorilla/main.go).
+    """
+    head = f'{{"seq":{seq},"t":{time.time_ns()},"pad":"'
+    return head + "x" * max(0, size - len(head) - 2) + '"}'
+
+
+class Ticker:
+    """A thread that calls ``send_all(message)`` every ``interval_s`` while started.
+
+    Ticks that a slow ``send_all`` makes it miss are dropped, not bunched up (what Go's
+    ``time.Ticker`` does for the gorilla peer): the next one fires as soon as the
+    current send ends, and the schedule restarts from there.
+    ``start``/``stop`` are the handlers of the ``fanout_start``/``fanout_stop`` routes.
+    """
+
+    def __init__(self, send_all: Callable[[str], Any]) -> None:
+        self._send_all = send_all
+        self._lock = threading.Lock()
+        self._stop: threading.Event | None = None
+        self._seq = 0
+
+    def start(self, params: Any) -> dict[str, str]:
+        params = params if isinstance(params, dict) else {}
+        interval_s = float(params.get("interval_ms", 20)) / 1000
+        size = int(params.get("size", 64))
+        with self._lock:
+            if self._stop is None:
+                self._stop = threading.Event()
+                threading.Thread(
+                    target=self._run, args=(interval_s, size, self._stop), daemon=True,
+                    name="fanout-ticker",
+                ).start()
+        return {"fanout": "started"}
+
+    def stop(self, params: Any = None) -> dict[str, str]:
+        with self._lock:
+            if self._stop is not None:
+                self._stop.set()
+                self._stop = None
+        return {"fanout": "stopped"}
+
+    def _run(self, interval_s: float, size: int, stop: threading.Event) -> None:
+        next_t = time.monotonic()
+        while not stop.is_set():
+            self._send_all(fanout_message(self._seq, size))
+            self._seq += 1
+            next_t += interval_s
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+            else:
+                next_t = time.monotonic()  # late: the missed ticks are dropped

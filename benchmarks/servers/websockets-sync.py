@@ -2,24 +2,54 @@
 
 One thread per connection from the library's own accept loop, plus the
 connection's background reader thread.
+
+Fan-out (routes ``fanout_start``/``fanout_stop``): what a websockets.sync user
+writes, as the library has no broadcast of its own for the threaded API: the
+handler keeps the open connections in a set, and a ticker thread loops over
+them calling ``send``.
 """
 
 from __future__ import annotations
 
-from _common import BACKLOG, dispatch, parse_args, prepare_process, ready
+import threading
+
+from _common import BACKLOG, Ticker, dispatch, parse_args, prepare_process, ready, register
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
+
+CONNECTIONS: set[ServerConnection] = set()
+CONNECTIONS_LOCK = threading.Lock()
+
+
+def send_all(message: str) -> None:
+    with CONNECTIONS_LOCK:
+        targets = list(CONNECTIONS)
+    for ws in targets:
+        try:
+            ws.send(message)
+        except ConnectionClosed:
+            pass
 
 
 def handler(ws: ServerConnection) -> None:
-    # A text request arrives as str, and send(str) answers with a text frame,
-    # matching wsroute_sync's "reply in the request's frame type".
-    for message in ws:
-        ws.send(dispatch(message))
+    with CONNECTIONS_LOCK:
+        CONNECTIONS.add(ws)
+    try:
+        # A text request arrives as str, and send(str) answers with a text frame,
+        # matching wsroute_sync's "reply in the request's frame type".
+        for message in ws:
+            ws.send(dispatch(message))
+    finally:
+        with CONNECTIONS_LOCK:
+            CONNECTIONS.discard(ws)
 
 
 def main() -> None:
     args = parse_args(__doc__ or "")
     prepare_process()
+    ticker = Ticker(send_all)
+    register("fanout_start", ticker.start)
+    register("fanout_stop", ticker.stop)
     with serve(
         handler,
         "127.0.0.1",

@@ -1,6 +1,9 @@
 """wsroute_sync (ours), imported from this working tree, doing the echo route.
 
 bench.py skips this server, and says so, while the package can't be imported.
+
+Fan-out (routes ``fanout_start``/``fanout_stop``): a ticker thread calls the
+public ``server.broadcast(message)`` once per tick.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from _common import free_port, parse_args, prepare_process, ready
+from _common import Ticker, free_port, parse_args, prepare_process, ready
 
 # Benchmark the checkout this file lives in, not whatever copy happens to be
 # installed in site-packages.
@@ -62,6 +66,16 @@ def main() -> None:
     @server.route("echo")
     def echo(ctx: object, message: bytes) -> bytes:  # message = Params as UTF-8 JSON
         return message
+
+    ticker = Ticker(server.broadcast)  # a str goes out as one text frame to every client
+
+    @server.route("fanout_start")
+    def fanout_start(ctx: Any, message: bytes) -> dict[str, str]:
+        return ticker.start(ctx.params)
+
+    @server.route("fanout_stop")
+    def fanout_stop(ctx: Any, message: bytes) -> dict[str, str]:
+        return ticker.stop()
 
     # Server.serve() takes "host:port" and (per its contract) doesn't report
     # the bound port, so port 0 is resolved here; the tiny race with another
