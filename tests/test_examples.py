@@ -104,11 +104,24 @@ def test_flask_app_tryout() -> None:
     # Its gunicorn command (docs/guide.md) is run by tests/test_wsgi.py.
 
 
+# Runs the example as a terminal would, where Ctrl-C raises KeyboardInterrupt. A
+# process started in the background by a non-interactive shell (``bash run.sh &``,
+# nohup) inherits SIGINT ignored, Python then installs no handler for it, and the
+# examples could not be stopped: the suite failed that way, never in the foreground.
+_AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 @pytest.fixture
 def serving(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run ``examples/<param> --serve 127.0.0.1:0``; yield its URL; Ctrl-C it."""
     proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / request.param), "--serve", "127.0.0.1:0"],
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, str(EXAMPLES / request.param),
+         "--serve", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
