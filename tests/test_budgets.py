@@ -152,6 +152,27 @@ def test_connections_per_ip_behind_a_trusted_proxy() -> None:
                 client.close()
 
 
+def test_rfc7239_forwarded_header_behind_a_trusted_proxy() -> None:
+    server = make_server(max_connections_per_ip=1, trusted_proxies=["127.0.0.1"],
+                         client_ip_header="Forwarded")
+    with running(server):
+        a = handshake(server.address, extra=[("Forwarded", 'for="[2001:db8::1]:4711"')])
+        b = handshake(server.address, extra=[("Forwarded", "for=203.0.113.8;proto=https")])
+        c = handshake(server.address, extra=[("Forwarded", "for=2001:db8::1")])
+        try:
+            assert (a.status, b.status, c.status) == (101, 101, 429)
+        finally:
+            for client in (a, b, c):
+                client.close()
+
+
+def test_client_ip_header_must_be_a_header_name() -> None:
+    with pytest.raises(ValueError, match="not an HTTP header name"):
+        Server(client_ip_header="X Forwarded For")
+    with pytest.raises(TypeError, match="header name"):
+        Server(client_ip_header=None)  # type: ignore[arg-type]
+
+
 def test_forwarded_header_from_an_untrusted_peer_is_ignored() -> None:
     server = make_server(max_connections_per_ip=1, trusted_proxies=["192.0.2.1"])
     with running(server):

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 from .backplane import Backplane
-from .limits import check_trusted_proxies
+from .limits import check_client_ip_header, check_trusted_proxies
 from .pool import check_thread_policy
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
@@ -103,8 +103,7 @@ class ServerOptions:
         _check_timeout("message_rate", self.message_rate)  # a positive number or None
         if self.message_burst is not None and self.message_rate is None:
             raise ValueError("message_burst needs message_rate")
-        if not isinstance(self.client_ip_header, str) or not self.client_ip_header:
-            raise TypeError("client_ip_header must be a header name")
+        check_client_ip_header(self.client_ip_header)
         if self.trusted_proxies is not None:
             object.__setattr__(self, "trusted_proxies",
                                check_trusted_proxies(self.trusted_proxies))
