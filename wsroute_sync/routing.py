@@ -310,8 +310,8 @@ class Dispatcher:
     ) -> None:
         #: Called for every message, from every connection thread, without a lock: it
         #: must be safe to call concurrently, like the ``get`` of a dict that nobody
-        #: changes. To change the routes, assign a new lookup (the server assigns the
-        #: ``get`` of a fresh copy of its registry after every change).
+        #: changes. To change the routes, assign a new lookup (:class:`~wsroute_sync.
+        #: registry.Routes` assigns the ``get`` of a fresh copy after every change).
         self.lookup = lookup
         self._make_context = make_context
         self._logger = logger

@@ -3,19 +3,13 @@
 The shape follows the Go original: a blocking listener; each accepted connection takes a
 slot of a bounded semaphore (without waiting; over the limit the client gets HTTP 503
 before any upgrade) and gets its own thread, which releases the slot in its ``finally``
-beside the socket close; handlers live in a dict guarded by a ``threading.Lock``.
-
-Connection threads do not take that lock for each message: every change to the dict,
-made under the lock, also publishes a fresh copy of it, and lookups read the copy
-published last. With hundreds of threads, a lock taken per message is where they
-queue: a thread that loses the GIL while holding it stalls every other one that
-needs it.
+beside the socket close; handlers live in a dict guarded by a ``threading.Lock``
+(registry.py), plain HTTP pages in pages.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -41,15 +35,15 @@ from .listen import open_listener, prepare_listener
 from .metrics import Totals, render_prometheus
 from .pool import ThreadPool
 from .reaper import Reaper
-from .routing import Dispatcher, Handler, resolve_handler
+from .pages import HTTPHandler, Pages
+from .registry import Routes
+from .routing import Dispatcher, Handler
 from .wsgi import WSGIApp, WSGIApplication
 
 __all__ = ["Server", "MessageHandler", "HTTPHandler"]
 
 #: A raw message hook: ``message_handler(connection, message) -> reply or None``.
 MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
-#: A plain HTTP page: ``handler(request) -> (status, content_type, body)``.
-HTTPHandler = Callable[[HTTPRequest], Tuple[int, str, Union[bytes, str]]]
 
 # What the accept loop's selector keys carry besides the pending handshakes' sockets.
 _LISTENER = "listener"
@@ -216,14 +210,17 @@ class Server:
             logger if logger is not None else logging.getLogger("wsroute_sync.server")
         )
         self.max_connections = max_connections
-        # The registry: a dict guarded by a lock; handlers are called outside it.
-        self._handlers: Dict[str, Handler] = {}
-        self._http_handlers: Dict[str, HTTPHandler] = {}
-        self._handlers_lock = threading.Lock()
         no_routes: Dict[str, Handler] = {}
         self._dispatcher = Dispatcher(
             no_routes.get, Context, logger=self.logger, handler_timeout=handler_timeout
         )
+        # The registry: a dict guarded by a lock, published to the dispatcher.
+        self._routes = Routes(self._dispatcher)
+        self._pages = Pages(health_path=health_path, metrics_path=metrics_path,
+                            health=self._health, metrics=self.metrics_text, logger=self.logger)
+        #: The answer to a request that asks for no upgrade (the ConnectionOwner
+        #: interface): health, metrics, the pages of :meth:`register_http`, else 426.
+        self.http_answer = self._pages.answer
         #: The reply to one message, called by connection threads (the ConnectionOwner
         #: interface): JSON routing, or the raw ``message_handler``.
         self.handle_message: MessageHandler = (
@@ -275,27 +272,13 @@ class Server:
         handler (as assigning to the Go original's map does); messages already being
         handled finish with the old one.
         """
-        if not isinstance(route, str):
-            raise TypeError(f"route must be a str, not {type(route).__name__}")
-        resolved = resolve_handler(handler)
-        with self._handlers_lock:
-            replaced = route in self._handlers
-            self._handlers[route] = resolved
-            self._publish_routes()
+        replaced = self._routes.register(route, handler)
         self.logger.debug("route %r %s", route, "replaced" if replaced else "registered")
 
     def unregister(self, route: str) -> None:
         """Remove ``route``; raises ``KeyError`` if it is not registered."""
-        with self._handlers_lock:
-            del self._handlers[route]
-            self._publish_routes()
+        self._routes.unregister(route)
         self.logger.debug("route %r unregistered", route)
-
-    def _publish_routes(self) -> None:
-        # Called with _handlers_lock held. The dispatcher looks routes up, without the
-        # lock, in a copy that is never changed afterwards; replacing its lookup is one
-        # attribute store, so a message sees either the old routes or the new ones.
-        self._dispatcher.lookup = dict(self._handlers).get
 
     def route(self, route: str) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`: ``@server.route("echo")``."""
@@ -312,18 +295,12 @@ class Server:
         ``handler(request)`` returns ``(status, content_type, body)``; it runs in the
         connection's thread before any upgrade, e.g. to serve a page that connects back.
         """
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError("an HTTP path starts with '/'")
-        if not callable(handler):
-            raise TypeError("an HTTP handler is a callable handler(request)")
-        with self._handlers_lock:
-            self._http_handlers[path] = handler
+        self._pages.register(path, handler)
 
     @property
     def routes(self) -> List[str]:
         """The registered route names."""
-        with self._handlers_lock:
-            return list(self._handlers)
+        return self._routes.names()
 
     # Connections.
 
@@ -406,6 +383,14 @@ class Server:
             totals = self._totals.snapshot(live)
             stats = {"active": len(live), "max": self.max_connections}
         return render_prometheus(stats, totals)
+
+    def _health(self) -> Dict[str, Any]:
+        # The document GET /healthz serves (pages.py); 503 once closing.
+        return {
+            "status": "closing" if self._closing else "ok",
+            "active_connections": self.active_connections,
+            "max_connections": self.max_connections,
+        }
 
     # Lifecycle.
 
@@ -819,43 +804,3 @@ class Server:
         if not identity:
             raise HandshakeRejected(403, "forbidden")
         return identity
-
-    def http_answer(self, request: HTTPRequest) -> bytes:
-        """The answer to a request that does not ask for a WebSocket upgrade."""
-        options = self.options
-        head_only = request.method == "HEAD"
-        if request.method in ("GET", "HEAD"):
-            if options.health_path is not None and request.path == options.health_path:
-                body = json.dumps(
-                    {
-                        "status": "closing" if self._closing else "ok",
-                        "active_connections": self.active_connections,
-                        "max_connections": self.max_connections,
-                    }
-                )
-                return http_response(
-                    503 if self._closing else 200, body,
-                    content_type="application/json", head_only=head_only,
-                )
-            if options.metrics_path is not None and request.path == options.metrics_path:
-                return http_response(
-                    200, self.metrics_text(), head_only=head_only,
-                    content_type="text/plain; version=0.0.4; charset=utf-8",
-                )
-            with self._handlers_lock:
-                page = self._http_handlers.get(request.path)
-            if page is not None:
-                try:
-                    status, content_type, page_body = page(request)
-                except Exception:
-                    self.logger.error("HTTP handler for %s failed", request.path, exc_info=True)
-                    return http_response(500, "internal error\n", head_only=head_only)
-                return http_response(status, page_body, content_type=content_type,
-                                     head_only=head_only)
-        return http_response(
-            426,
-            "This is a WebSocket endpoint: connect with a WebSocket client.\n",
-            headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                     ("Sec-WebSocket-Version", "13")],
-            head_only=head_only,
-        )
