@@ -30,11 +30,10 @@ from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_M
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
 from .fanout import FanOut, drive
-from .limits import PerClientCounter, client_address
 from .listen import open_listener, prepare_listener
-from .metrics import Totals, render_prometheus
 from .pool import ThreadPool
 from .reaper import Reaper
+from .roster import Roster
 from .pages import HTTPHandler, Pages
 from .registry import Routes
 from .routing import Dispatcher, Handler
@@ -226,16 +225,13 @@ class Server:
         self.handle_message: MessageHandler = (
             message_handler if message_handler is not None else self._dispatcher.dispatch
         )
-        # Connections: slots, and the live ones by id.
-        self._per_ip = (None if max_connections_per_ip is None
-                        else PerClientCounter(max_connections_per_ip))
-        self._ip_of: Dict[str, str] = {}  # connection id -> the address it counts under
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._connections: Dict[str, ServerConnection] = {}
-        self._connections_lock = threading.Lock()
+        # Connections: slots, per-client counts, the live ones by id, the numbers.
+        self._roster = Roster(self.options, self.logger)
+        #: A connection has ended (the ConnectionOwner interface): forget it, count it,
+        #: free its slot.
+        self.connection_done = self._roster.done
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
-        self._totals = Totals()
         # Lifecycle.
         self._state_lock = threading.Lock()
         self._listener: Optional[socket.socket] = None
@@ -248,7 +244,7 @@ class Server:
         self._closed = threading.Event()
         self._reaper = Reaper("wsroute_sync-reaper", self.logger)
         self._fanout = FanOut(
-            connections=lambda: self.connections, lookup=self._lookup_connection,
+            connections=self._roster.connections, lookup=self._roster.get,
             instance_id=lambda: self._id_prefix[:-1], backplane=backplane,
             write_timeout=write_timeout, logger=self.logger,
         )
@@ -307,17 +303,11 @@ class Server:
     @property
     def connections(self) -> List[ServerConnection]:
         """The live connections (upgraded or still in their handshake)."""
-        with self._connections_lock:
-            return list(self._connections.values())
-
-    def _lookup_connection(self, connection_id: str) -> Optional[ServerConnection]:
-        with self._connections_lock:
-            return self._connections.get(connection_id)
+        return self._roster.connections()
 
     @property
     def active_connections(self) -> int:
-        with self._connections_lock:
-            return len(self._connections)
+        return len(self._roster)
 
     def broadcast(
         self,
@@ -360,29 +350,13 @@ class Server:
 
     def stats(self) -> Dict[str, Any]:
         """The server's numbers: connections, messages, errors, handler latency."""
-        with self._connections_lock:
-            live = [c.metrics for c in self._connections.values()]
-            active = len(live)
-            totals = self._totals.snapshot(live)
-        return {
-            "active": active,
-            "max": self.max_connections,
-            "accepted": totals.accepted,
-            "rejected": totals.rejected,
-            "messages_in": totals.messages_in,
-            "messages_out": totals.messages_out,
-            "errors": dict(sorted(totals.errors.items())),
-            "handler_latency": totals.latency_summary(),
-            "closing": self._closing,
-        }
+        stats = self._roster.stats()
+        stats["closing"] = self._closing
+        return stats
 
     def metrics_text(self) -> str:
         """:meth:`stats` in the Prometheus text format, as ``GET /metrics`` serves it."""
-        with self._connections_lock:
-            live = [c.metrics for c in self._connections.values()]
-            totals = self._totals.snapshot(live)
-            stats = {"active": len(live), "max": self.max_connections}
-        return render_prometheus(stats, totals)
+        return self._roster.metrics_text()
 
     def _health(self) -> Dict[str, Any]:
         # The document GET /healthz serves (pages.py); 503 once closing.
@@ -524,7 +498,7 @@ class Server:
             first = not self._closing
             self._closing = True
         if not first:
-            if not self._in_connection_thread():
+            if not self._roster.serves(threading.current_thread()):
                 self._closed.wait(timeout)
             return
         started = time.monotonic()
@@ -546,9 +520,8 @@ class Server:
             accept_thread.join(left(deadline))
         if self.options.backplane is not None:
             self.options.backplane.close()  # no more deliveries from other instances
-        with self._connections_lock:
-            # No connection is registered once _closing is set, so this list is final.
-            connections = list(self._connections.values())
+        # Sealed: no connection is registered any more, so this list is final.
+        connections = self._roster.seal()
         close_timeout = self.options.close_timeout
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
@@ -600,11 +573,6 @@ class Server:
             "server closed (%d connection(s) closed, %d unfinished)",
             len(connections) - len(stuck), len(stuck),
         )
-
-    def _in_connection_thread(self) -> bool:
-        current = threading.current_thread()
-        with self._connections_lock:
-            return any(c.thread is current for c in self._connections.values())
 
     # The accept loop and admission.
 
@@ -695,47 +663,13 @@ class Server:
                inherited_read_timeout: Optional[float]
                ) -> Tuple[Optional[bytes], Optional[ServerConnection]]:
         """A slot and a registered connection for a complete request head, or the answer
-        refusing it (503)."""
+        refusing it (503, or 429 for a client over its own limit)."""
         if self._closing:
             return http_response(503, "server shutting down\n"), None
-        if not self._slots.acquire(blocking=False):
-            with self._connections_lock:
-                self._totals.rejected += 1
-            self.logger.warning(
-                "too many connections (max %d): refusing %s with 503", self.max_connections,
-                remote,
-            )
-            return http_response(503, "Too many connections\n",
-                                 headers=[("Retry-After", "1")]), None
-        ip: Optional[str] = None
-        if self._per_ip is not None:
-            options = self.options
-            ip = client_address(request, remote, trusted_proxies=options.trusted_proxies,
-                                header=options.client_ip_header)
-            if not self._per_ip.acquire(ip):
-                self._slots.release()
-                with self._connections_lock:
-                    self._totals.rejected += 1
-                self.logger.warning("too many connections from %s (max %d): refusing with 429",
-                                    ip, options.max_connections_per_ip)
-                return http_response(429, "Too many connections from this address\n",
-                                     headers=[("Retry-After", "1")]), None
-        connection = ServerConnection(
+        return self._roster.admit(remote, request, lambda: ServerConnection(
             self, sock, remote, f"{self._id_prefix}{next(self._ids)}", request, rest=rest,
             inherited_read_timeout=inherited_read_timeout,
-        )
-        with self._connections_lock:
-            if not self._closing:
-                # Registered before it starts, so close() never misses a connection.
-                self._connections[connection.id] = connection
-                if ip is not None:
-                    self._ip_of[connection.id] = ip
-                self._totals.accepted += 1
-                return None, connection
-        if ip is not None and self._per_ip is not None:
-            self._per_ip.release(ip)
-        self._slots.release()
-        return http_response(503, "server shutting down\n"), None
+        ))
 
     def serve_socket(self, sock: socket.socket, remote_address: Any, request: HTTPRequest, *,
                      rest: bytes = b"") -> None:
@@ -769,20 +703,6 @@ class Server:
         return WSGIApp(self, app, path=path)
 
     # Called by connections (the ConnectionOwner interface).
-
-    def connection_done(self, connection: ServerConnection) -> None:
-        """A connection has ended: forget it, count it, free its slot."""
-        with self._connections_lock:
-            self._connections.pop(connection.id, None)
-            ip = self._ip_of.pop(connection.id, None)
-            self._totals.add(connection.metrics)
-        if ip is not None and self._per_ip is not None:
-            self._per_ip.release(ip)
-        self._slots.release()
-        self.logger.debug(
-            "connection %s: closed (%s %s)", connection.id, connection.close_code,
-            connection.close_reason,
-        )
 
     def expect_close(self, connection: ServerConnection) -> None:
         """Drop ``connection`` if its closing handshake is not over within close_timeout."""
