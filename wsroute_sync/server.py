@@ -13,14 +13,14 @@ import itertools
 import logging
 import os
 import secrets
-import selectors
 import socket
 import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .admission import PendingHandshakes, default_max_pending
+from .accept import Acceptor
+from .admission import default_max_pending
 from .backplane import Backplane
 from .connection import UNKNOWN_TIMEOUT, Progress, ServerConnection, answer_and_close
 from .context import Context
@@ -44,14 +44,9 @@ __all__ = ["Server", "MessageHandler", "HTTPHandler"]
 #: A raw message hook: ``message_handler(connection, message) -> reply or None``.
 MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
 
-# What the accept loop's selector keys carry besides the pending handshakes' sockets.
-_LISTENER = "listener"
-_WAKE = "wake"
 # close(timeout) waits this much past its deadline for the threads of the connections it
 # had to abort (a handler that is still running is not waited for).
 _ABORT_MARGIN = 0.5
-# Accepting in batches keeps a burst of connects from starving the wake-up pipe.
-_ACCEPT_BATCH = 64
 # Connection threads kept for reuse once their connection ends (see pool.py), and how
 # long one waits for the next connection before it exits.
 _MAX_IDLE_THREADS = 64
@@ -234,11 +229,9 @@ class Server:
         self._ids = itertools.count(1)
         # Lifecycle.
         self._state_lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
+        self._acceptor: Optional[Acceptor] = None
         self._ssl_context: Optional[ssl.SSLContext] = None
         self._unix_path: Optional[str] = None
-        self._wake_r: Optional[socket.socket] = None
-        self._wake_w: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._closing = False
         self._closed = threading.Event()
@@ -382,12 +375,12 @@ class Server:
         return f"{scheme}://{host}:{port}/"
 
     def _listen(self, addr: str, ssl_context: Optional[ssl.SSLContext], *,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False) -> Acceptor:
         # reuse_port: workers.py's worker processes share one port (SO_REUSEPORT).
         with self._state_lock:
             if self._closing:
                 raise RuntimeError("the server is closed; make a new one")
-            if self._listener is not None:
+            if self._acceptor is not None:
                 raise RuntimeError("the server is already listening")
             listener, self.address = open_listener(addr, reuse_port=reuse_port)
             if listener.family == socket.AF_UNIX:
@@ -396,15 +389,23 @@ class Server:
                 listener, read_timeout=self.options.ping_interval
             ):
                 self._accepted_read_timeout = self.options.ping_interval
-            self._listener = listener
+            options = self.options
+            max_pending = options.max_pending_handshakes
+            if max_pending == "auto":
+                max_pending = default_max_pending(options.max_connections)
+            assert max_pending is None or isinstance(max_pending, int)
+            self._acceptor = acceptor = Acceptor(
+                listener, ssl_context=ssl_context,
+                handshake_timeout=options.handshake_timeout,
+                max_header_size=options.max_header_size, max_pending=max_pending,
+                on_head=self._on_head, logger=self.logger,
+            )
             self._ssl_context = ssl_context
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_w.setblocking(False)
         self.logger.info("server listening on %s", self.url)
         if self.options.backplane is not None:
             # Never raises for an unreachable peer: local delivery starts regardless.
             self.options.backplane.start(self._id_prefix[:-1], self._fanout.deliver_remote)
+        return acceptor
 
     def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None,
               reuse_port: bool = False) -> "Server":
@@ -414,8 +415,8 @@ class Server:
         or use the server as a context manager. ``reuse_port``: share the port with other
         processes (``SO_REUSEPORT``), as the worker processes of ``serve(workers=N)`` do.
         """
-        self._listen(addr, ssl_context, reuse_port=reuse_port)
-        thread = threading.Thread(target=self._accept_loop, name="wsroute_sync-accept")
+        acceptor = self._listen(addr, ssl_context, reuse_port=reuse_port)
+        thread = threading.Thread(target=acceptor.run, name="wsroute_sync-accept")
         self._accept_thread = thread
         thread.start()
         return self
@@ -436,8 +437,7 @@ class Server:
 
             serve_workers(self, addr, workers, ssl_context=ssl_context)
             return
-        self._listen(addr, ssl_context)
-        self._accept_loop()
+        self._listen(addr, ssl_context).run()
         self._closed.wait()
 
     @property
@@ -452,7 +452,7 @@ class Server:
         with self._state_lock:
             if self._closing:
                 raise RuntimeError("the server is closed; make a new one")
-            if self._listener is not None or self._supervisor is not None:
+            if self._acceptor is not None or self._supervisor is not None:
                 raise RuntimeError("the server is already listening")
             self._supervisor = supervisor
             self._ssl_context = ssl_context  # for url's scheme only
@@ -510,11 +510,9 @@ class Server:
         self.logger.info("server closing")
         if self._supervisor is not None:
             self._supervisor.stop(timeout)  # worker processes: each closes its clients
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:  # pragma: no cover - the pipe is never full: one byte
-                pass
+        acceptor = self._acceptor
+        if acceptor is not None:
+            acceptor.stop()
         accept_thread = self._accept_thread
         if accept_thread is not None and accept_thread is not threading.current_thread():
             accept_thread.join(left(deadline))
@@ -560,9 +558,8 @@ class Server:
                 connection.id, timeout,
             )
         self._reaper.stop()
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
+        if acceptor is not None:
+            acceptor.close()
         if self._unix_path is not None:
             try:
                 os.unlink(self._unix_path)
@@ -576,88 +573,21 @@ class Server:
 
     # The accept loop and admission.
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        wake = self._wake_r
-        assert listener is not None and wake is not None
-        selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ, _LISTENER)
-        selector.register(wake, selectors.EVENT_READ, _WAKE)
-        options = self.options
-
-        def on_head(sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes
-                    ) -> None:
-            refusal, connection = self._admit(sock, remote, request, rest,
-                                              self._accepted_read_timeout)
-            if connection is None:
-                assert refusal is not None
-                pending.refuse(sock, refusal)
-                return
-            try:
-                self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
-            except RuntimeError as exc:  # "can't start new thread": out of memory or limits
-                self.logger.error("cannot start a connection thread: %s", exc)
-                self.connection_done(connection)
-                pending.refuse(sock, http_response(503, "server overloaded\n",
-                                                   headers=[("Retry-After", "1")]))
-
-        pending = PendingHandshakes(
-            selector, ssl_context=self._ssl_context,
-            handshake_timeout=options.handshake_timeout,
-            max_header_size=options.max_header_size,
-            max_pending=self._max_pending(),
-            logger=self.logger, on_head=on_head,
-        )
-        paused_until: Optional[float] = None
+    def _on_head(self, sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes
+                 ) -> Optional[bytes]:
+        # A complete request head, in the accept loop: a slot and a thread, or the
+        # answer refusing it.
+        refusal, connection = self._admit(sock, remote, request, rest,
+                                          self._accepted_read_timeout)
+        if connection is None:
+            return refusal
         try:
-            while not self._closing:
-                timeout = pending.timeout()
-                if paused_until is not None:
-                    pause = max(0.0, paused_until - time.monotonic())
-                    timeout = pause if timeout is None else min(timeout, pause)
-                for key, events in selector.select(timeout):
-                    if key.data is _WAKE:
-                        try:
-                            wake.recv(64)
-                        except OSError:
-                            pass
-                    elif key.data is _LISTENER:
-                        if not self._accept_batch(listener, pending):
-                            # Out of file descriptors: stop watching the listener for
-                            # a moment instead of spinning on a socket we cannot accept.
-                            selector.unregister(listener)
-                            paused_until = time.monotonic() + 0.1
-                    else:
-                        pending.handle(key, events)
-                pending.expire()
-                if paused_until is not None and time.monotonic() >= paused_until:
-                    selector.register(listener, selectors.EVENT_READ, _LISTENER)
-                    paused_until = None
-        finally:
-            pending.close()
-            selector.close()
-            listener.close()
-
-    def _max_pending(self) -> Optional[int]:
-        configured = self.options.max_pending_handshakes
-        if configured == "auto":
-            return default_max_pending(self.options.max_connections)
-        assert configured is None or isinstance(configured, int)
-        return configured
-
-    def _accept_batch(self, listener: socket.socket, pending: PendingHandshakes) -> bool:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, remote = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError as exc:
-                self.logger.error("accept failed: %s; pausing accepts for 0.1s", exc)
-                return False
-            # No slot and no thread yet: the request head (and TLS handshake) is awaited
-            # in this loop's selector, so a client that sends nothing costs a socket only.
-            pending.add(sock, remote)
-        return True
+            self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
+        except RuntimeError as exc:  # "can't start new thread": out of memory or limits
+            self.logger.error("cannot start a connection thread: %s", exc)
+            self.connection_done(connection)
+            return http_response(503, "server overloaded\n", headers=[("Retry-After", "1")])
+        return None
 
     def _admit(self, sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes,
                inherited_read_timeout: Optional[float]
