@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import io
 import os
+import zlib
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
@@ -23,7 +26,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 from wsproto.connection import ConnectionType
 from wsproto.handshake import server_extensions_handshake
@@ -53,6 +56,8 @@ Message = Union[str, bytes]
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
@@ -166,6 +171,18 @@ def _pick_subprotocol(request: HTTPRequest, supported: Optional[Sequence[str]]) 
     return None
 
 
+class _ServerConnection(Connection):
+    """wsproto's server :class:`Connection`, remembering the permessage-deflate it uses.
+
+    MessageStream inflates the client's messages itself (wsproto's extension inflates
+    whatever it is given, with no bound), so it needs the negotiated parameters.
+    """
+
+    def __init__(self, deflate: Optional[PerMessageDeflate]) -> None:
+        super().__init__(ConnectionType.SERVER, [deflate] if deflate is not None else [])
+        self.deflate = deflate
+
+
 def accept_upgrade(
     request: HTTPRequest,
     *,
@@ -193,8 +210,7 @@ def accept_upgrade(
     subprotocol = _pick_subprotocol(request, subprotocols)
     if subprotocol is not None:
         lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("ascii"))
-    extensions: List[Extension] = []
-    deflate = False
+    negotiated: Optional[PerMessageDeflate] = None
     if compression == "deflate":
         offers = [
             offer
@@ -205,10 +221,9 @@ def accept_upgrade(
         accepted = server_extensions_handshake(offers, [extension])
         if accepted:
             lines.append(b"Sec-WebSocket-Extensions: " + accepted)
-            extensions.append(extension)
-            deflate = True
+            negotiated = extension
     response = b"\r\n".join(lines) + b"\r\n\r\n"
-    return response, Connection(ConnectionType.SERVER, extensions), subprotocol, deflate
+    return response, _ServerConnection(negotiated), subprotocol, negotiated is not None
 
 
 def rejection_response(exc: HandshakeRejected, *, head_only: bool = False) -> bytes:
@@ -271,23 +286,28 @@ _FIN_CLOSE = 0x88
 _SIMPLE_CLOSE_CODES = {1000: CloseReason.NORMAL_CLOSURE, 1001: CloseReason.GOING_AWAY}
 _LOCAL_ONLY_CODES = (1005, 1006, 1015)
 _from_bytes = int.from_bytes
-# Compressed bytes given to wsproto at a time (deflate expands at most ~1032x).
+# Compressed bytes given to wsproto at a time, when wsproto inflates (deflate expands
+# at most ~1032x): with WSROUTE_SYNC_PURE_WSPROTO, or a Connection that accept_upgrade
+# did not make. Otherwise MessageStream inflates, within the limit.
 _INFLATE_CHUNK = 1024
 # Integer XOR grows faster than linearly with size; past this, translate tables win.
 _INT_UNMASK_LIMIT = 2048
 _XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
+# A data frame's payload is unmasked, inflated and checked as UTF-8 in steps of at most
+# this many bytes, so what a step allocates besides the message itself stays this small
+# (times four at most: the check decodes a step of text, up to 4 bytes a character).
+# A multiple of 4, so that every step starts at the same place in the masking key.
+_STEP = 8192
+# RFC 7692 7.2.2: appended to a message's payload before inflating it (the sender took
+# it off the sync flush that ends each message, 7.2.1).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+# Where no message is being collected: closed, so that writing to it would fail loudly.
+_NO_MESSAGE = io.BytesIO()
+_NO_MESSAGE.close()
 
 
-def _unmask_large(payload: Union[bytes, bytearray], mask: Union[bytes, bytearray]) -> bytes:
-    """Unmask a large payload: each of the four byte lanes through a 256-byte table."""
-    data = bytearray(payload)
-    for lane in range(4):
-        data[lane::4] = data[lane::4].translate(_XOR_TABLES[mask[lane]])
-    return bytes(data)
-
-
-# Without max_message_size, larger frames are streamed through wsproto, not held back.
-_UNLIMITED_HOLD = 1 << 20
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("strict")
 
 
 def _pure_wsproto_requested() -> bool:
@@ -304,33 +324,45 @@ class MessageStream:
     bytes to write. wsproto objects are not thread-safe, so the caller serialises the
     sending methods (the connection holds a lock); ``receive`` is called by one thread.
 
-    wsproto is the protocol engine: the handshake, pings and pongs, fragmentation,
-    extensions, every error and every unusual close go through it. Its per-frame cost
-    in Python (about ten function calls and several objects per frame) is most of a
-    small message's cost, so two cases are recognised here first, when no extension
-    was negotiated and no fragmented message is open:
+    wsproto is the protocol engine: the handshake, pings and pongs, extensions on the
+    sending side, every error and every unusual close go through it. What is read here
+    instead, at frame boundaries, is what has exactly one meaning and is most of the
+    traffic:
 
-    * a complete, final, masked text or binary frame with RSV bits clear and a
-      minimally encoded length. It has exactly one meaning (RFC 6455 5.2, 5.3), which
-      a few C-level operations produce; text is validated as UTF-8 as wsproto does.
+    * data frames: masked, minimally encoded lengths, RSV bits as the negotiated
+      extensions allow, in an order RFC 6455 5.4 allows (a new message only when none
+      is open, a continuation only when one is). Their payload goes, unmasked (5.3),
+      inflated where RFC 7692 says so, and checked as UTF-8 as it arrives for text,
+      into one buffer per message, never past ``max_message_size``: receiving a
+      message costs at most about twice the limit, however it is fragmented or
+      compressed (wsproto makes several objects per fragment, kept until the end,
+      and inflates whatever it is given). Text costs at most twice the ``str`` it
+      becomes, which is more than the limit only when narrow and wide characters
+      mix (CPython stores every character at the widest one's size). A complete,
+      unfragmented frame of up to 2 KiB is decoded with a few C-level operations
+      and no buffer at all.
     * the client's Close while the connection is open, complete, masked, with no
       status or with 1000 or 1001 and a UTF-8 reason: how nearly every connection
       ends (RFC 6455 5.5.1). Its answer is written here too, as wsproto writes it;
       from then on this stream holds the state (``state`` reports REMOTE_CLOSING, then
       CLOSED) and refuses to send anything else, as wsproto would.
 
-    Anything else — including a candidate whose text is not UTF-8 — is handed, byte
-    for byte and at a frame boundary, to wsproto, which then decides.
+    Anything else, control frames and every malformed frame, is handed to wsproto
+    byte for byte, from a frame boundary, and wsproto decides.
     ``tests/test_fastpath.py`` checks that both paths give the same results, answers
-    and states for the same bytes. Replies are framed the same way: an unfragmented,
-    unmasked frame (RFC 6455 5.1: servers do not mask).
-    Set ``WSROUTE_SYNC_PURE_WSPROTO=1`` to send every frame through wsproto.
+    and states for the same bytes; ``tests/test_memory.py`` measures the memory bound.
+    Replies are framed the same way: an unfragmented, unmasked frame (RFC 6455 5.1:
+    servers do not mask). Set ``WSROUTE_SYNC_PURE_WSPROTO=1`` to send every frame
+    through wsproto.
     """
 
     __slots__ = (
         "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_framed", "_chunk", "_buf",
         "_need", "deferred",
-        "_slow_left", "_fragmented", "writable", "_whole_max", "_peer_closed", "_answered",
+        "_left", "_ours", "_fragmented", "writable", "_whole_max", "_peer_closed", "_answered",
+        "_inflates", "_window_bits", "_no_takeover", "_inflater", "_compressed", "_msg",
+        "_check", "_decoder", "_pending", "_pieces", "_frame_fin", "_mask",
+        "_mask_at",
     )
 
     def __init__(
@@ -342,12 +374,21 @@ class MessageStream:
     ) -> None:
         self._ws = ws
         self._max_size = max_message_size
-        self._parts: List[Any] = []
-        self._size = 0
+        self._parts: List[Any] = []  # wsproto's pieces of a message (its path only)
+        self._size = 0  # bytes of the message being received so far
         self._text = False
-        # The fast path needs wsproto's view of the stream to be "between frames, no
-        # extension": compression (RSV1, inflating) is wsproto's job alone.
-        self._fast = not extensions and not _pure_wsproto_requested()
+        pure = _pure_wsproto_requested()
+        # Frames are sent, and single frames decoded, here when no extension is in use.
+        self._fast = not extensions and not pure
+        # Compressed messages are inflated here when the negotiated permessage-deflate
+        # is known (accept_upgrade's connections); otherwise wsproto inflates them.
+        deflate = ws.deflate if extensions and isinstance(ws, _ServerConnection) else None
+        self._inflates = deflate is not None and not pure
+        # RFC 7692 7.1.2.2 and 7.1.1.2: the client compresses with this window, and may
+        # have agreed to start each message afresh.
+        self._window_bits = deflate.client_max_window_bits if deflate is not None else 15
+        self._no_takeover = deflate is not None and deflate.client_no_context_takeover
+        self._inflater: Any = None  # a zlib decompressobj, kept between messages
         # Frames are always delimited here (only tests switch it off, to compare with
         # wsproto fed whole reads): that is what lets a Close wait for earlier replies.
         self._framed = True
@@ -357,10 +398,31 @@ class MessageStream:
         #: True when receive() stopped before a Close so that the messages before it can
         #: be answered first; call ``receive(b"")`` to go on.
         self.deferred = False
-        self._buf = bytearray()  # bytes of an incomplete frame held back for the fast path
+        self._buf = bytearray()  # a frame header (or small frame) not yet complete
         self._need = 0  # bytes _buf must hold before it is worth parsing again
-        self._slow_left = 0  # bytes of the current frame still owed to wsproto
-        self._fragmented = False  # a fragmented data message is open inside wsproto
+        # Payload bytes of the current frame still to come (one count for both kinds,
+        # so that receive()'s single-frame check reads one attribute), and whether the
+        # frame is read here (else wsproto is owed them).
+        self._left = 0
+        self._ours = False
+        self._fragmented = False  # a fragmented data message is open
+        # The message read here, and whether it is compressed. Binary: its payload so
+        # far (a BytesIO hands its buffer over as the message, without a copy).
+        self._msg = _NO_MESSAGE
+        self._compressed = False
+        # Text: every byte is checked as it arrives, and decoded a step at a time into
+        # pieces joined at the end. Decoding it whole would briefly take up to 5 bytes a
+        # byte (CPython widens its buffer, sized by the input, to 4-byte characters at
+        # the first astral one); steps keep that to one step.
+        self._check: Optional[codecs.IncrementalDecoder] = None  # None: not text
+        self._decoder = _utf8_decoder()
+        self._pending = bytearray()  # checked, not yet decoded: less than a step
+        self._pieces: List[str] = []
+        # The data frame read here: whether it ends its message, its masking key, and
+        # the key's position for the next byte.
+        self._frame_fin = False
+        self._mask = b""
+        self._mask_at = 0
         #: wsproto's state is OPEN: data messages can still be sent and received. A copy
         #: refreshed after every call into wsproto (the only place its state changes),
         #: because reading it through wsproto's property costs two calls per message.
@@ -399,16 +461,11 @@ class MessageStream:
             return out
         self.deferred = False
         if self._buf:
-            self._buf += data
-            if len(self._buf) < self._need:
-                return []  # still inside one frame: no parsing until it is complete
-            buf: Union[bytes, bytearray] = self._buf
-            self._buf = bytearray()
-            return self._split(buf)
+            return self._resume(data)
         # The usual read of a request-reply client: exactly one whole, final, masked
         # text or binary frame. _split() would decode it the same way, one loop later.
         n = len(data)
-        if (n > 6 and self._fast and self.writable and not self._slow_left
+        if (n > 6 and self._fast and self.writable and not self._left
                 and not self._fragmented):
             b0 = data[0]
             if b0 == _FIN_TEXT or b0 == _FIN_BINARY:
@@ -431,21 +488,57 @@ class MessageStream:
                     try:
                         return [payload.decode("utf-8")]
                     except UnicodeDecodeError:
-                        pass  # wsproto reports it (1007), from the same bytes
+                        pass  # _split reports it (1007), from the same bytes
         return self._split(data)
 
-    def _split(self, buf: Union[bytes, bytearray]) -> List[Outcome]:
-        """Walk the frames in ``buf``: decode simple ones here, pass the rest to wsproto."""
+    def _resume(self, data: bytes) -> List[Outcome]:
+        """Go on from what ``_buf`` holds back: top it up from ``data`` with exactly the
+        bytes it needs, parse it, then parse the rest of ``data`` where it lies (a read
+        is not copied behind a held header)."""
+        out: List[Outcome] = []
+        pos = 0
+        end = len(data)
+        while self._buf:
+            held = self._buf
+            missing = self._need - len(held)
+            if missing > end - pos:
+                held += data[pos:]
+                return out
+            if missing > 0:
+                held += data[pos:pos + missing]
+                pos += missing
+            self._buf = bytearray()
+            got = self._split(held)
+            out += got
+            if self.deferred:
+                self._buf += data[pos:]
+                return out
+            if got and isinstance(got[-1], (CloseReceived, ProtocolFailure)):
+                return out  # the stream has ended: the rest is not read
+        out += self._split(data, pos)
+        return out
+
+    def _split(self, buf: Union[bytes, bytearray], pos: int = 0) -> List[Outcome]:
+        """Walk the frames in ``buf`` from ``pos``: read data frames here, pass the rest
+        to wsproto."""
         out: List[Outcome] = []
         end = len(buf)
-        pos = 0
         max_size = self._max_size
-        ws = self._ws
         while pos < end:
-            if self._slow_left:
+            if self._left:
+                take = min(self._left, end - pos)
+                self._left -= take
+                if self._ours:
+                    # The middle of a data frame read here: more of its payload.
+                    failure = self._payload(buf, pos, take)
+                    pos += take
+                    if failure is None and not self._left and self._frame_fin:
+                        failure = self._message_end(out)
+                    if failure is not None:
+                        out.append(failure)
+                        return out
+                    continue
                 # The middle of a frame wsproto has started: it gets the rest of it.
-                take = min(self._slow_left, end - pos)
-                self._slow_left -= take
                 if self._feed(buf, pos, take, out):
                     return out
                 pos += take
@@ -482,6 +575,7 @@ class MessageStream:
                 and not b0 & 0x70
                 and (opcode == 0) is self._fragmented
                 and (opcode < 3)
+                and not self._compressed
             ):
                 # A valid data frame whose header alone says it is too big: refuse it
                 # now instead of reading the payload (wsproto would reach 1009 too, once
@@ -495,37 +589,68 @@ class MessageStream:
                 self._fast
                 and (b0 == _FIN_TEXT or b0 == _FIN_BINARY)
                 and b1 & 0x80
+                and length <= _INT_UNMASK_LIMIT
                 and minimal
                 and not self._fragmented
                 and self.writable
             ):
                 if end - pos < total:
-                    if max_size is not None or total <= _UNLIMITED_HOLD:
-                        # Wait for the whole frame; the size check above bounds it.
-                        self._hold(buf, pos, total)
+                    # Wait for the whole (small) frame: decoded at once below, it needs
+                    # no message buffer.
+                    self._hold(buf, pos, total)
+                    return out
+                # RFC 6455 5.3: XOR with the key repeated; as one integer operation,
+                # the cheapest form for a small payload.
+                mask = buf[pos + header - 4:pos + header]
+                payload = (
+                    _from_bytes(buf[pos + header:total + pos], "little")
+                    ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
+                ).to_bytes(length, "little")
+                if b0 == _FIN_BINARY:
+                    out.append(payload)
+                    pos += total
+                    continue
+                try:
+                    out.append(payload.decode("utf-8"))
+                    pos += total
+                    continue
+                except UnicodeDecodeError:
+                    pass  # read below as any data frame, which reports it (1007)
+            if opcode < 3 and b1 & 0x80 and minimal and (self._fast or self._inflates):
+                if not self.writable and self._ended():
+                    return out  # after the peer's Close nothing more is read
+                rsv = b0 & 0x70
+                if opcode:
+                    if self._fragmented:
+                        # RFC 6455 5.4: no new message inside a fragmented one (what
+                        # wsproto answers, 1002, whatever else is wrong with the frame).
+                        out.append(ProtocolFailure(
+                            CLOSE_PROTOCOL_ERROR, "expected a continuation frame"))
                         return out
+                    # RSV1 marks a compressed message, on its first frame (RFC 7692 6).
+                    ours = not rsv or (rsv == 0x40 and self._inflates)
                 else:
-                    payload = buf[pos + header:total + pos]
-                    mask = buf[pos + header - 4:pos + header]
-                    if length <= _INT_UNMASK_LIMIT:
-                        # RFC 6455 5.3: XOR with the key repeated; as one integer
-                        # operation, the cheapest form for a small payload.
-                        key = (mask * ((length + 3) >> 2))[:length]
-                        payload = (
-                            _from_bytes(payload, "little") ^ _from_bytes(key, "little")
-                        ).to_bytes(length, "little")
-                    else:
-                        payload = _unmask_large(payload, mask)
-                    if b0 == _FIN_BINARY:
-                        out.append(bytes(payload))
-                        pos += total
-                        continue
-                    try:
-                        out.append(payload.decode("utf-8"))
-                        pos += total
-                        continue
-                    except UnicodeDecodeError:
-                        pass  # wsproto reports it (1007), from the same bytes
+                    ours = self._fragmented and not rsv
+                if ours:
+                    if end - pos < header:
+                        self._hold(buf, pos, header)
+                        return out
+                    if opcode:
+                        self._begin(opcode == 1, rsv != 0)
+                    fin = b0 >= 0x80
+                    self._fragmented = not fin
+                    self._frame_fin = fin
+                    self._left = length
+                    self._ours = True
+                    self._mask = bytes(buf[pos + header - 4:pos + header])
+                    self._mask_at = 0
+                    pos += header
+                    if not length and fin:
+                        failure = self._message_end(out)
+                        if failure is not None:
+                            out.append(failure)
+                            return out
+                    continue
             # Everything else is wsproto's: from this frame boundary, the whole frame.
             if opcode == 8 and out:
                 # A Close after messages or pings in the same read: stop here, so that
@@ -554,12 +679,12 @@ class MessageStream:
                 elif b0 & 0x80:
                     self._fragmented = False
             take = min(total, end - pos)
-            self._slow_left = total - take
+            self._left = total - take
+            self._ours = False
             if self._feed(buf, pos, take, out):
                 return out
             pos += take
         return out
-
     def _peer_close(self, mask: Union[bytes, bytearray], masked: Union[bytes, bytearray]
                     ) -> Optional[CloseReceived]:
         """The client's Close, if it is one of the common kind; else ``None`` (wsproto's).
@@ -601,6 +726,136 @@ class MessageStream:
     def _hold(self, buf: Union[bytes, bytearray], pos: int, need: int) -> None:
         self._buf = bytearray(buf[pos:])
         self._need = need
+
+    def _ended(self) -> bool:
+        """The peer's Close has been read: nothing after it is (RFC 6455 5.5.1)."""
+        return self._peer_closed or self._ws.state in (
+            ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED)
+
+    def _begin(self, text: bool, compressed: bool) -> None:
+        """A new message, read here."""
+        self._size = 0
+        if text:
+            # RFC 6455 8.1: invalid UTF-8 fails the connection; it is failed as soon as
+            # it is seen (Autobahn 6.4 checks), hence a check of each piece as it
+            # arrives, besides the decoding in steps.
+            self._check = _utf8_decoder()
+            self._decoder = _utf8_decoder()
+        else:
+            self._msg = io.BytesIO()
+        self._compressed = compressed
+        if compressed and self._inflater is None:
+            self._inflater = zlib.decompressobj(-self._window_bits)
+
+    def _payload(self, buf: Union[bytes, bytearray], pos: int, take: int
+                 ) -> Optional[ProtocolFailure]:
+        """``take`` payload bytes of the current data frame, at ``pos`` in ``buf``
+        (``_left`` already counts them as read)."""
+        mask = self._mask
+        at = self._mask_at
+        if at:
+            mask = mask[at:] + mask[:at]  # where this piece starts in the key
+        self._mask_at = (at + take) & 3
+        stop = pos + take
+        while pos < stop:
+            n = min(stop - pos, _STEP)
+            # RFC 6455 5.3: XOR with the key repeated.
+            if n <= _INT_UNMASK_LIMIT:
+                chunk: Union[bytes, bytearray] = (
+                    _from_bytes(buf[pos:pos + n], "little")
+                    ^ _from_bytes((mask * ((n + 3) >> 2))[:n], "little")
+                ).to_bytes(n, "little")
+            else:
+                # Larger: each of the four byte lanes through a 256-byte table.
+                chunk = bytearray(memoryview(buf)[pos:pos + n])
+                chunk[0::4] = chunk[0::4].translate(_XOR_TABLES[mask[0]])
+                chunk[1::4] = chunk[1::4].translate(_XOR_TABLES[mask[1]])
+                chunk[2::4] = chunk[2::4].translate(_XOR_TABLES[mask[2]])
+                chunk[3::4] = chunk[3::4].translate(_XOR_TABLES[mask[3]])
+            pos += n
+            failure = self._inflate(chunk) if self._compressed else self._add(chunk)
+            if failure is not None:
+                return failure
+        return None
+
+    def _add(self, data: Union[bytes, bytearray]) -> Optional[ProtocolFailure]:
+        """Append ``data`` to the message, unless it makes the message invalid."""
+        check = self._check
+        if check is not None:
+            try:
+                check.decode(data)
+            except UnicodeDecodeError:
+                return self._failed(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message")
+        size = self._size + len(data)
+        if self._max_size is not None and size > self._max_size:
+            return self._too_big(size)
+        self._size = size
+        if check is None:
+            self._msg.write(data)
+            return None
+        pending = self._pending
+        pending += data
+        if len(pending) >= _STEP:
+            self._pieces.append(self._decoder.decode(pending))
+            self._pending = bytearray()
+        return None
+
+    def _inflate(self, data: Union[bytes, bytearray]) -> Optional[ProtocolFailure]:
+        """Inflate compressed ``data`` into the message, no further than its limit.
+
+        zlib is asked for at most one step, and never for more than one byte past the
+        limit: a decompression bomb is refused (1009) having cost that much, not the
+        size it would inflate to.
+        """
+        inflater = self._inflater
+        max_size = self._max_size
+        while True:
+            room = _STEP if max_size is None else min(_STEP, max_size - self._size + 1)
+            try:
+                chunk = inflater.decompress(data, room)
+            except zlib.error:
+                return self._failed(CLOSE_INVALID_DATA, "invalid compressed data")
+            if chunk:
+                failure = self._add(chunk)
+                if failure is not None:
+                    return failure
+            data = inflater.unconsumed_tail
+            if not data and len(chunk) < room:
+                return None  # all in, all out (a full step may have more to give)
+
+    def _message_end(self, out: List[Outcome]) -> Optional[ProtocolFailure]:
+        """The last frame of the message read here is in: deliver the message."""
+        if self._compressed:
+            failure = self._inflate(_DEFLATE_TAIL)
+            if failure is not None:
+                return failure
+            if self._no_takeover or self._inflater.eof:
+                # RFC 7692 7.1.1.2: each message starts afresh. So does the one after a
+                # final deflate block, which ends zlib's stream (zlib would set aside
+                # whatever came after it, unread).
+                self._inflater = None
+        self._size = 0
+        self._compressed = False
+        check = self._check
+        if check is None:
+            data = self._msg.getvalue()
+            self._msg = _NO_MESSAGE
+            # RFC 6455 1.4: after sending Close, data frames are read and dropped.
+            if self.writable:
+                out.append(data)
+            return None
+        try:
+            check.decode(b"", True)
+        except UnicodeDecodeError:
+            return self._failed(CLOSE_INVALID_DATA, "text message ends inside UTF-8")
+        pieces = self._pieces
+        pieces.append(self._decoder.decode(self._pending, True))
+        self._check = None
+        self._pending = bytearray()
+        self._pieces = []
+        if self.writable:
+            out.append(pieces[0] if len(pieces) == 1 else "".join(pieces))
+        return None
 
     def _wsproto_receive(self, data: Optional[bytes], out: List[Outcome]) -> bool:
         """Let wsproto process ``data``; ``True`` once the stream has ended."""
@@ -669,11 +924,19 @@ class MessageStream:
         return False
 
     def _too_big(self, size: int) -> ProtocolFailure:
-        self._parts = []
-        self._size = 0
-        return ProtocolFailure(
+        return self._failed(
             CLOSE_TOO_BIG, f"message of {size}+ bytes exceeds the limit of {self._max_size}"
         )
+
+    def _failed(self, code: int, reason: str) -> ProtocolFailure:
+        # The connection ends here: what was collected of the message is let go now.
+        self._parts = []
+        self._size = 0
+        self._msg = _NO_MESSAGE
+        self._check = None
+        self._pending = bytearray()
+        self._pieces = []
+        return ProtocolFailure(code, reason)
 
     def send(self, data: Message) -> bytes:
         """A data frame: text for ``str``, binary for bytes-like.
