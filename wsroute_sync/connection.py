@@ -37,19 +37,17 @@ from typing import Any, Deque, Dict, FrozenSet, Optional, Protocol, Tuple, Union
 from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
-from .errors import ConnectionClosed, HandshakeRejected
+from .errors import ConnectionClosed
 from .http import HTTPRequest, http_response
 from .listen import timeval
 from .metrics import ConnectionMetrics
 from .limits import TokenBucket
 from .routing import as_message, error_envelope
 from .options import ServerOptions
+from .upgrade import answer_and_close, negotiate
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
-    accept_upgrade,
-    check_upgrade,
     is_upgrade_request,
-    rejection_response,
     CloseReceived,
     Message,
     MessageStream,
@@ -64,7 +62,6 @@ __all__ = [
     "Progress",
     "ServerConnection",
     "UNKNOWN_TIMEOUT",
-    "answer_and_close",
 ]
 
 # CPython allocates the whole buffer of a recv() before it blocks, so an idle connection
@@ -75,12 +72,6 @@ __all__ = [
 # memory an idle recv() would hold, without a malloc and a realloc for every message.
 _RECV_SMALL = 2048
 _RECV_LARGE = 262144
-# How long a refused or plain-HTTP client gets to read our answer before the socket is
-# closed, and how much of what it still sends is read meanwhile.
-_ANSWER_LINGER_SECONDS = 1.0
-_ANSWER_DRAIN_BYTES = 1 << 20
-# write_timeout None: writes wait as long as they must.
-_FOREVER = None
 
 _TIMEOUT_ERRORS = (BlockingIOError, socket.timeout)
 #: The ``inherited_read_timeout`` of a socket whose SO_RCVTIMEO is not known.
@@ -88,31 +79,6 @@ UNKNOWN_TIMEOUT = -1.0
 _POLLIN = select.POLLIN
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _POLLOUT = select.POLLOUT
-
-
-def answer_and_close(sock: socket.socket, response: bytes, *, close: bool = True) -> None:
-    """Write an HTTP answer to a client we will not serve, then half-close and read what
-    it still sends for a moment before closing (blocking, in the calling thread).
-
-    Closing a socket with unread input makes the kernel send RST, which can destroy our
-    answer before the client reads it; draining first lets the client see it.
-    """
-    try:
-        sock.settimeout(_ANSWER_LINGER_SECONDS)
-        sock.sendall(response)
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + _ANSWER_LINGER_SECONDS
-        drained = 0
-        while drained < _ANSWER_DRAIN_BYTES and time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
-    except (OSError, ValueError):
-        pass
-    finally:
-        if close:
-            sock.close()
 
 
 class ConnectionOwner(Protocol):
@@ -126,9 +92,6 @@ class ConnectionOwner(Protocol):
     def handle_message(self, connection: "ServerConnection", message: Message
                        ) -> Optional[Message]:
         """The reply to one message (routing, or the raw ``message_handler``)."""
-
-    def authenticate(self, request: HTTPRequest) -> Any:
-        """The identity for an upgrade request; raises ``HandshakeRejected`` to refuse."""
 
     def http_answer(self, request: HTTPRequest) -> bytes:
         """The whole HTTP response to a request that asks for no upgrade."""
@@ -712,40 +675,13 @@ class ServerConnection:
                     # Nagle's algorithm hold them back for the ACK of the previous one.
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not is_upgrade_request(request):
-            self._answer_and_linger(owner.http_answer(request))
+            answer_and_close(sock, owner.http_answer(request), close=False)
             return False
-        try:
-            try:
-                check_upgrade(
-                    request,
-                    paths=options.path,
-                    allowed_origins=options.allowed_origins,
-                    check_origin=options.check_origin,
-                )
-            except HandshakeRejected:
-                raise
-            except Exception as exc:  # only the check_origin hook runs user code here
-                self._logger.error("connection %s: check_origin hook failed", self.id,
-                                   exc_info=True)
-                raise HandshakeRejected(500, "origin check failed") from exc
-            if options.authenticate is not None:
-                self.identity = owner.authenticate(request)
-            try:
-                response, ws, self.subprotocol, deflate = accept_upgrade(
-                    request, subprotocols=options.subprotocols, compression=options.compression
-                )
-            except ValueError as exc:
-                # wsproto parses extension parameters with int() and lets the error out:
-                # "permessage-deflate; client_max_window_bits=abc" is the client's fault.
-                raise HandshakeRejected(400, "invalid Sec-WebSocket-Extensions") from exc
-        except HandshakeRejected as exc:
-            self._logger.warning(
-                "connection %s: handshake refused with %d: %s", self.id, exc.status, exc.reason
-            )
-            self._answer_and_linger(rejection_response(exc, head_only=request.method == "HEAD"))
+        upgrade = negotiate(request, options, self._logger, self.id)
+        if isinstance(upgrade, bytes):
+            answer_and_close(sock, upgrade, close=False)
             return False
-        stream = MessageStream(ws, max_message_size=options.max_message_size,
-                               extensions=deflate)
+        response, stream, self.subprotocol, self.identity = upgrade
         # Open for sending before the client can see the 101 (a broadcast made after the
         # client connected must reach it), but with the writer held, so that a frame
         # queued meanwhile goes out after the 101.
@@ -764,9 +700,6 @@ class ServerConnection:
         self._logger.debug("connection %s: open from %s, path %s", self.id,
                            self.remote_address, request.path)
         return True
-
-    def _answer_and_linger(self, response: bytes) -> None:
-        answer_and_close(self._sock, response, close=False)
 
     def _serve(self) -> None:
         """The message loop: read, hand whole messages to the owner's handler, reply."""

@@ -22,9 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from .accept import Acceptor
 from .admission import default_max_pending
 from .backplane import Backplane
-from .connection import UNKNOWN_TIMEOUT, Progress, ServerConnection, answer_and_close
+from .connection import UNKNOWN_TIMEOUT, Progress, ServerConnection
 from .context import Context
-from .errors import HandshakeRejected
 from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
@@ -37,6 +36,7 @@ from .roster import Roster
 from .pages import HTTPHandler, Pages
 from .registry import Routes
 from .routing import Dispatcher, Handler
+from .upgrade import answer_and_close
 from .wsgi import WSGIApp, WSGIApplication
 
 __all__ = ["Server", "MessageHandler", "HTTPHandler"]
@@ -638,19 +638,3 @@ class Server:
         """Drop ``connection`` if its closing handshake is not over within close_timeout."""
         if self.options.close_timeout is not None:
             self._reaper.schedule(connection, self.options.close_timeout)
-
-    def authenticate(self, request: HTTPRequest) -> Any:
-        """Run the ``authenticate`` hook: the identity, or ``HandshakeRejected``."""
-        hook = self.options.authenticate
-        if hook is None:
-            return None
-        try:
-            identity = hook(request)
-        except HandshakeRejected:
-            raise
-        except Exception as exc:
-            self.logger.error("authenticate hook failed", exc_info=True)
-            raise HandshakeRejected(500, "authentication failed") from exc
-        if not identity:
-            raise HandshakeRejected(403, "forbidden")
-        return identity
