@@ -1,65 +1,47 @@
 """One client connection and the thread that serves it: upgrade, then read → dispatch → write.
 
-This module is the only code that touches a connection's socket, its locks, its queue of
-frames and its close state; everyone else (fan-out, the server, the backplane) uses the
-public methods of :class:`ServerConnection`. Protocol decisions are made by the sans-I/O
-:mod:`wsroute_sync.handshake` and :mod:`wsroute_sync.protocol`.
+The thread answers the request head (a plain HTTP answer, a refusal, or the 101, as
+:mod:`wsroute_sync.upgrade` decides), then reads: each whole message goes to the owner's
+handler and the reply goes back at once, from this thread. Writes from any thread, and
+the close state, are :class:`~wsroute_sync.sender.Sender`'s, which this class extends;
+the two modules are the only code that touches a connection's socket, locks, queue of
+frames and close state.
 
-Writes. Any thread may write to a connection at any moment (the connection's own thread
-with its replies, a handler's ``ctx.send``, a broadcast, ``close()``), so:
-
-* frames are encoded under ``_lock`` and go, in that order, either straight to the socket
-  (by the thread holding ``_writer`` when nothing is queued) or into ``_out``, a queue
-  that whoever holds ``_writer`` drains. ``_lock`` is never held across a system call
-  that can wait; ``_writer`` is held for the whole of one write.
-* every write is non-blocking (``MSG_DONTWAIT`` on plain sockets; TLS sockets are
-  non-blocking) and waits in ``poll`` for the time its caller allows, so a write is
-  bounded the same way on plain and TLS sockets, and no send flag ever reaches an
-  ``SSLSocket``. Reads of a plain socket block in ``recv`` under the kernel's
-  ``SO_RCVTIMEO`` (one system call per message); TLS reads wait in ``poll`` too, and a
-  lock keeps OpenSSL from being entered by two threads at once.
-* once our Close is queued (or the client's Close is read, or a write failed), no data
-  frame is encoded any more (RFC 6455 5.5.1), and ``closed`` is set.
+Reads of a plain socket block in ``recv`` under the kernel's ``SO_RCVTIMEO`` (one system
+call per message); TLS reads wait in ``poll``, and take the lock that keeps OpenSSL from
+being entered by two threads at once.
 """
 
 from __future__ import annotations
 
-import collections
-import enum
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
-from typing import Any, Deque, Dict, FrozenSet, Optional, Protocol, Tuple, Union
+from typing import Any, Dict, FrozenSet, Optional, Protocol, Tuple
 
 from wsproto.connection import ConnectionState
-from wsproto.utilities import LocalProtocolError
 
-from .errors import ConnectionClosed
-from .http import HTTPRequest, http_response
-from .listen import timeval
-from .metrics import ConnectionMetrics
+from .http import HTTPRequest
 from .limits import TokenBucket
-from .routing import as_message, error_envelope
+from .listen import timeval
 from .options import ServerOptions
-from .upgrade import answer_and_close, negotiate
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
     is_upgrade_request,
     CloseReceived,
     Message,
-    MessageStream,
     PingReceived,
     PongReceived,
-    PreparedMessage,
     ProtocolFailure,
 )
+from .routing import error_envelope
+from .sender import Progress, Sender
+from .upgrade import answer_and_close, negotiate
 
 __all__ = [
     "ConnectionOwner",
-    "Progress",
     "ServerConnection",
     "UNKNOWN_TIMEOUT",
 ]
@@ -77,7 +59,6 @@ _TIMEOUT_ERRORS = (BlockingIOError, socket.timeout)
 #: The ``inherited_read_timeout`` of a socket whose SO_RCVTIMEO is not known.
 UNKNOWN_TIMEOUT = -1.0
 _POLLIN = select.POLLIN
-_MSG_DONTWAIT = socket.MSG_DONTWAIT
 _POLLOUT = select.POLLOUT
 
 
@@ -104,26 +85,7 @@ class ConnectionOwner(Protocol):
         """The connection has ended: socket closed; free its slot."""
 
 
-class Progress(enum.Enum):
-    """How far a non-blocking send (:meth:`ServerConnection.try_send`) has got."""
-
-    #: The whole frame is written to the socket.
-    DONE = "done"
-    #: Part of it waits for the socket to take more: wait until :meth:`fileno` is
-    #: writable, then call :meth:`ServerConnection.progress` again.
-    WAIT_WRITABLE = "wait_writable"
-    #: Another thread is writing to this client and will write this frame after its own;
-    #: call :meth:`ServerConnection.progress` again a little later.
-    WAIT_WRITER = "wait_writer"
-    #: Not sent: the connection is closing or closed, or the write failed.
-    CLOSED = "closed"
-
-
-class _WriteFailed(Exception):
-    """A write that cannot complete: the connection is dropped (see ``_drop``)."""
-
-
-class ServerConnection:
+class ServerConnection(Sender):
     """A client connection: its request, its state, and thread-safe ``send``/``close``.
 
     Created by the server for each admitted request and run by its own thread. Handlers
@@ -146,9 +108,10 @@ class ServerConnection:
         rest: bytes = b"",
         inherited_read_timeout: Optional[float] = UNKNOWN_TIMEOUT,
     ) -> None:
+        super().__init__(sock, connection_id, logger=owner.logger,
+                         write_timeout=owner.options.write_timeout)
         #: The server (or other owner) this connection belongs to.
         self.server = owner
-        self.id = connection_id
         self.remote_address = remote_address
         #: The request that opened the connection (path, query, headers).
         self.request = request
@@ -157,42 +120,14 @@ class ServerConnection:
         self.subprotocol: Optional[str] = None
         #: Handlers' own per-connection state.
         self.values: Dict[str, Any] = {}
-        #: ``(code, reason)`` of the close, once known.
-        self.close_code: Optional[int] = None
-        self.close_reason = ""
         self.opened_at = time.time()
-        #: Counters of this connection (see metrics.py for who writes which).
-        self.metrics = ConnectionMetrics()
         #: The thread serving this connection, once it has started.
         self.thread: Optional[threading.Thread] = None
         # Held until run() has finished everything (threads are pooled, so the thread's
         # end cannot tell): wait_finished() waits on it.
         self._running = threading.Lock()
         self._running.acquire()
-        self._sock = sock
         self._rest = rest
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        # OpenSSL objects must not be entered by two threads at once; held only around
-        # one non-blocking SSL call, never while waiting.
-        self._tls_lock = threading.Lock() if self._tls else None
-        self._stream: Optional[MessageStream] = None
-        # _lock: the stream's protocol state, _out, _queued and the close state. Short
-        # sections only. _writer: held by the one thread writing to the socket.
-        self._lock = threading.Lock()
-        self._writer = threading.Lock()
-        self._out: Deque[bytes] = collections.deque()
-        self._out_offset = 0  # bytes of _out[0] already written
-        # Bytes of frames encoded so far, and bytes written: a frame is out once
-        # _written reaches the _queued value it was given (its "ticket").
-        self._queued = 0
-        self._written = 0
-        self._closing = False  # no more data frames: Close queued or read, or dropped
-        self._broken = False  # aborted: nothing more can be written
-        self._finished = False  # socket closed
-        self._closed_event: Optional[threading.Event] = None
-        self._logger = owner.logger
-        options = owner.options
-        self._write_timeout = options.write_timeout
         # The SO_RCVTIMEO in force on a plain socket, so that it is only set when it
         # changes; TLS reads keep theirs here and wait in poll.
         self._read_timeout: Optional[float] = inherited_read_timeout
@@ -206,83 +141,6 @@ class ServerConnection:
     @property
     def query(self) -> str:
         return self.request.query
-
-    @property
-    def open(self) -> bool:
-        """True while messages can be sent to the client."""
-        stream = self._stream
-        return not self._closing and stream is not None and stream.writable
-
-    @property
-    def closed(self) -> threading.Event:
-        """An event set as soon as this connection starts closing, from either side or
-        from ``server.close()``, or fails."""
-        event = self._closed_event
-        if event is None:
-            # Made on first use: most connections never need one, and an Event is a
-            # Condition and two locks, a few hundred bytes for each idle connection.
-            with self._lock:
-                event = self._closed_event
-                if event is None:
-                    event = self._closed_event = threading.Event()
-                    if self._closing:
-                        event.set()
-        return event
-
-    def send(self, message: Any) -> None:
-        """Send a message to this client, from any thread; returns once it is written.
-
-        ``str`` goes as a text frame, bytes-like as a binary frame, anything else as
-        JSON text. Raises :class:`~wsroute_sync.ConnectionClosed` once the connection is
-        closing or the write failed (a client that takes nothing for ``write_timeout``
-        is dropped), ``TypeError`` or ``ValueError`` for a value JSON cannot encode and
-        ``UnicodeEncodeError`` for text that has no UTF-8 form (lone surrogates).
-        """
-        if not self._send_data(as_message(message), None):
-            raise ConnectionClosed(self.close_code, self.close_reason)
-
-    def try_send(self, message: PreparedMessage) -> Tuple[Progress, int]:
-        """Start sending without waiting, for fan-out: ``(progress, ticket)``.
-
-        The frame is queued behind what this connection is already writing and written
-        as far as the socket takes it now. Unless ``progress`` is ``DONE`` or ``CLOSED``,
-        drive it with :meth:`progress` (``ticket`` names the frame).
-        """
-        with self._lock:
-            stream = self._stream
-            if self._closing or stream is None or not stream.writable:
-                return Progress.CLOSED, 0
-            frame = message.frame_for(stream)
-            self.metrics.messages_out += 1
-            self._out.append(frame)
-            self._queued += len(frame)
-            ticket = self._queued
-        return self.progress(ticket), ticket
-
-    def progress(self, ticket: int) -> Progress:
-        """Write more of the queued frames without waiting; how far ``ticket`` has got."""
-        if self._written >= ticket:
-            return Progress.DONE
-        if self._broken:
-            return Progress.CLOSED
-        if not self._writer.acquire(False):
-            return Progress.WAIT_WRITER
-        try:
-            if self._finished:
-                return Progress.CLOSED
-            try:
-                self._flush(None, blocking=False)
-            except _WriteFailed as exc:
-                self.drop(str(exc))
-        finally:
-            self._release_writer()
-        if self._written >= ticket:
-            return Progress.DONE
-        return Progress.CLOSED if self._broken else Progress.WAIT_WRITABLE
-
-    def fileno(self) -> int:
-        """The socket's file descriptor, to wait until it is writable (-1 once closed)."""
-        return -1 if self._finished else self._sock.fileno()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake (from any thread); the client's answer ends it.
@@ -314,15 +172,6 @@ class ServerConnection:
             self.server.expect_close(self)
         return self.progress(ticket), ticket
 
-    def abort(self) -> None:
-        """Drop the TCP connection now; wakes this connection's thread and its writers."""
-        self._broken = True
-        self._mark_closing()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
     def join(self, room: str) -> None:
         """Join ``room``: ``server.broadcast(message, room=room)`` reaches this client (on
         every instance, with a backplane). Membership ends with the connection."""
@@ -350,250 +199,6 @@ class ServerConnection:
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.remote_address!r}>"
-
-    # Close state.
-
-    def _mark_closing(self) -> None:
-        with self._lock:
-            self._closing = True
-            event = self._closed_event
-        if event is not None:
-            event.set()
-
-    def _queue_close(self, code: int, reason: str) -> Optional[int]:
-        """Queue our Close (or our answer to the client's); its ticket, or ``None``."""
-        with self._lock:
-            stream = self._stream
-            if stream is None or self._finished:
-                return None
-            frame = stream.close(code, reason)
-            self._closing = True
-            event = self._closed_event
-            ticket: Optional[int] = None
-            if frame:
-                self._out.append(frame)
-                self._queued += len(frame)
-                ticket = self._queued
-                if self.close_code is None:
-                    self.close_code, self.close_reason = code, reason
-        if event is not None:
-            event.set()
-        return ticket
-
-    def drop(self, why: str) -> None:
-        """Drop a client that cannot take our data (a write failed or timed out), now,
-        with a TCP reset so that the kernel frees what is queued for it; ``why`` is
-        logged and becomes the close reason (1006)."""
-        if self._broken:
-            return  # already dropped or aborted
-        self._logger.info("connection %s: %s; dropping it", self.id, why)
-        if self.close_code is None:
-            self.close_code, self.close_reason = 1006, why
-        try:
-            # It will not read what is queued for it either: close with RST, so the
-            # kernel frees that memory now.
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        self.abort()
-
-    # Writing. Every method below that writes is called with _writer held.
-
-    def _wait(self, events: int, timeout: Optional[float]) -> bool:
-        """Wait until the socket is ready for ``events``; ``False`` on timeout."""
-        poller = select.poll()
-        poller.register(self._sock, events)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
-
-    def _send_once(self, data: Union[bytes, memoryview]) -> Tuple[int, int]:
-        """One non-blocking send: the bytes the socket took, and the poll event to wait
-        for when it took none."""
-        tls_lock = self._tls_lock
-        try:
-            if tls_lock is None:
-                n = self._sock.send(data, _MSG_DONTWAIT)
-            else:
-                with tls_lock:
-                    n = self._sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            return 0, _POLLOUT
-        except ssl.SSLWantReadError:
-            return 0, _POLLIN  # TLS wants to read before it can write
-        except OSError as exc:
-            raise _WriteFailed(f"write failed: {exc}") from None
-        self._written += n
-        return n, _POLLOUT
-
-    def _write(self, data: Union[bytes, memoryview], deadline: Optional[float]) -> None:
-        """Write all of ``data``; each wait is bounded by write_timeout and ``deadline``."""
-        while True:
-            n, events = self._send_once(data)
-            if n:
-                if n == len(data):
-                    return
-                data = memoryview(data)[n:]
-                continue
-            wait = self._write_timeout
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                wait = left if wait is None else min(wait, left)
-            if (wait is not None and wait <= 0) or not self._wait(events, wait):
-                raise _WriteFailed("write timed out - client not reading")
-
-    def _flush(self, deadline: Optional[float], *, blocking: bool) -> None:
-        """Write the queued frames, in order (all of them, unless non-blocking)."""
-        out = self._out
-        while True:
-            with self._lock:
-                if not out:
-                    return
-                if self._broken:
-                    raise _WriteFailed("connection dropped")
-                frame = out[0]
-                offset = self._out_offset
-            view = memoryview(frame)[offset:]
-            if blocking:
-                self._write(view, deadline)
-                n = len(view)
-            else:
-                n = self._send_once(view)[0]
-            with self._lock:
-                if n == len(view):
-                    out.popleft()
-                    self._out_offset = 0
-                else:
-                    self._out_offset = offset + n
-            if n < len(view):
-                return
-
-    def _release_writer(self) -> None:
-        """Release ``_writer``; first write what was queued by threads that found it taken."""
-        writer = self._writer
-        while True:
-            writer.release()
-            if not self._out or self._broken or not writer.acquire(False):
-                return
-            try:
-                self._flush(None, blocking=False)
-            except _WriteFailed as exc:
-                self.drop(str(exc))
-
-    def _acquire_writer(self, deadline: Optional[float]) -> bool:
-        timeout = self._write_timeout
-        if deadline is not None:
-            left = max(0.0, deadline - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
-        if self._writer.acquire(timeout=-1 if timeout is None else timeout):
-            return True
-        # Another thread has been writing to this client all that time: it takes nothing.
-        self.drop("write timed out behind another writer - client not reading")
-        return False
-
-    def _send_data(self, data: Message, deadline: Optional[float]) -> bool:
-        """Encode and write one data message (blocking, bounded); ``False`` if not sent."""
-        if not self._acquire_writer(deadline):
-            return False
-        try:
-            with self._lock:
-                stream = self._stream
-                if self._closing or self._finished or stream is None or not stream.writable:
-                    return False
-                frame = stream.send(data)
-                self.metrics.messages_out += 1
-                self._queued += len(frame)
-                queued = bool(self._out)
-                if queued:
-                    self._out.append(frame)
-            if queued:
-                self._flush(deadline, blocking=True)
-            else:
-                self._write(frame, deadline)  # the usual case: nothing ahead of it
-            return True
-        except _WriteFailed as exc:
-            self.drop(str(exc))
-            return False
-        finally:
-            self._release_writer()
-
-    def _reply(self, data: Message) -> None:
-        """The connection thread's reply: :meth:`_send_data`, with the usual case (no
-        other writer, nothing queued, the socket takes it all) in as few steps as
-        possible, because it runs for every message."""
-        writer = self._writer
-        if not writer.acquire(False):
-            self._send_data(data, None)  # another thread is writing: wait in turn
-            return
-        lock = self._lock
-        lock.acquire()
-        stream = self._stream
-        if (self._closing or self._out or stream is None or not stream.writable
-                or self._tls_lock is not None):
-            lock.release()
-            writer.release()
-            self._send_data(data, None)
-            return
-        frame = stream.send(data)
-        self.metrics.messages_out += 1
-        self._queued += len(frame)
-        lock.release()
-        try:
-            n = self._sock.send(frame, _MSG_DONTWAIT)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.drop(f"write failed: {exc}")
-            writer.release()
-            return
-        self._written += n
-        try:
-            if n < len(frame):
-                self._write(memoryview(frame)[n:], None)
-        except _WriteFailed as exc:
-            self.drop(str(exc))
-        finally:
-            if self._out:
-                self._release_writer()
-            else:
-                writer.release()
-
-    def _send_control(self, ping: bool, payload: bytes = b"") -> bool:
-        """Write a Ping (``ping``) or a Pong; ``False`` if the connection failed."""
-        if not self._acquire_writer(None):
-            return False
-        try:
-            with self._lock:
-                stream = self._stream
-                if self._broken or stream is None:
-                    return False
-                try:
-                    frame = stream.ping(payload) if ping else stream.pong(payload)
-                except LocalProtocolError:
-                    return True  # closing: no more pings or pongs, nothing is wrong
-                self._queued += len(frame)
-                self._out.append(frame)
-            self._flush(None, blocking=True)
-            return True
-        except _WriteFailed as exc:
-            self.drop(str(exc))
-            return False
-        finally:
-            self._release_writer()
-
-    def _deliver(self, ticket: int, deadline: Optional[float]) -> bool:
-        """Write until the frame ``ticket`` names is out (blocking, bounded)."""
-        while self._written < ticket:
-            if self._broken or not self._acquire_writer(deadline):
-                return False
-            try:
-                if self._broken:
-                    return False
-                self._flush(deadline, blocking=True)
-            except _WriteFailed as exc:
-                self.drop(str(exc))
-                return False
-            finally:
-                self._release_writer()
-        return True
 
     # Reading.
 
@@ -636,26 +241,13 @@ class ServerConnection:
             self._finish()
 
     def _finish(self) -> None:
-        if self._out and not self._broken:
-            # Frames another thread queued and has not written yet, our Close among them
-            # (its Close and the client's can cross): they go out before TCP closes.
-            timeout = self._write_timeout
-            self._deliver(self._queued, None if timeout is None else time.monotonic() + timeout)
-        # Wake any thread still writing (its write fails at once), then wait for it to
-        # leave: the socket must not be closed under a writer, whose file descriptor
-        # number could by then belong to another client.
-        self.abort()
-        with self._writer:
-            with self._lock:
-                self._finished = True
-                self._out.clear()
+        try:
+            self._close_socket()
+        finally:
             try:
-                self._sock.close()
+                self.server.connection_done(self)
             finally:
-                try:
-                    self.server.connection_done(self)
-                finally:
-                    self._running.release()
+                self._running.release()
 
     def _upgrade(self) -> bool:
         """Answer the request: a plain HTTP answer, a refusal, or the 101; ``True`` once
@@ -682,21 +274,8 @@ class ServerConnection:
             answer_and_close(sock, upgrade, close=False)
             return False
         response, stream, self.subprotocol, self.identity = upgrade
-        # Open for sending before the client can see the 101 (a broadcast made after the
-        # client connected must reach it), but with the writer held, so that a frame
-        # queued meanwhile goes out after the 101.
-        self._writer.acquire()
-        try:
-            with self._lock:
-                self._stream = stream
-                self._queued += len(response)
-            self._write(response, None)
-        except _WriteFailed as exc:
-            self._logger.debug("connection %s: lost during handshake: %s", self.id, exc)
-            self.abort()
+        if not self._start(stream, response):
             return False
-        finally:
-            self._release_writer()
         self._logger.debug("connection %s: open from %s, path %s", self.id,
                            self.remote_address, request.path)
         return True

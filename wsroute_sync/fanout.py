@@ -18,7 +18,8 @@ import time
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .backplane import Backplane, BackplaneMessage
-from .connection import Progress, ServerConnection
+from .connection import ServerConnection
+from .sender import Progress
 from .errors import ConnectionClosed
 from .protocol import Message, PreparedMessage
 from .routing import as_message

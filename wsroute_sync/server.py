@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from .accept import Acceptor
 from .admission import default_max_pending
 from .backplane import Backplane
-from .connection import UNKNOWN_TIMEOUT, Progress, ServerConnection
+from .connection import UNKNOWN_TIMEOUT, ServerConnection
 from .context import Context
 from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
@@ -36,6 +36,7 @@ from .roster import Roster
 from .pages import HTTPHandler, Pages
 from .registry import Routes
 from .routing import Dispatcher, Handler
+from .sender import Progress
 from .upgrade import answer_and_close
 from .wsgi import WSGIApp, WSGIApplication
 
