@@ -1,10 +1,12 @@
 """The WebSocket protocol, sans-I/O: handshake decisions and whole messages.
 
-wsproto does the protocol work (RFC 6455 framing, masking, UTF-8 validation, close
-codes, permessage-deflate); this module decides what the server answers to a request
-head, and turns wsproto's per-frame events into whole messages and control outcomes
-under the server's limits. It imports neither ``socket`` nor ``threading``: bytes in,
-bytes and values out.
+wsproto does most of the protocol work (extension negotiation, control frames, close
+codes, every malformed frame, sending with permessage-deflate); this module decides
+what the server answers to a request head, and turns frames into whole messages and
+control outcomes under the server's limits. Data frames, which are most of the bytes,
+it reads itself, so that a message costs at most about twice ``max_message_size``
+however it is fragmented or compressed (see :class:`MessageStream`). It imports
+neither ``socket`` nor ``threading``: bytes in, bytes and values out.
 """
 
 from __future__ import annotations
