@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from typing import Any, Dict
 
 import pytest
 
-from wsroute_sync import Server, new_server, with_logger, with_max_connections, with_option
+from wsroute_sync import Server, ServerOptions, new_server, with_logger, with_max_connections
+from wsroute_sync import with_option
 
 
 def test_defaults_follow_the_go_original() -> None:
@@ -72,3 +75,14 @@ def test_functional_options_are_aliases() -> None:
         with_option("nonsense", 1)
     with pytest.raises(TypeError):
         new_server(2000)  # type: ignore[arg-type]
+
+
+def test_every_server_keyword_is_an_option() -> None:
+    """Server hands its keywords to ServerOptions as they are, all but message_handler:
+    the two lists, and their defaults, are the same."""
+    params = inspect.signature(Server).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    assert set(params) == set(fields) | {"message_handler"}
+    for name, default in fields.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == default, name

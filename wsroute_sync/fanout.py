@@ -1,5 +1,5 @@
-"""Fan-out: one message to many connections — broadcast, rooms, ``send_to`` and backplane
-delivery — through each connection's public, non-blocking send.
+"""Fan-out: one message to many connections — broadcast, rooms, ``send_to``, backplane
+delivery and the Close of a shutdown — through each connection's public, non-blocking send.
 
 A broadcast frames its message once (:class:`~wsroute_sync.protocol.PreparedMessage`),
 starts a non-blocking send on every target (:meth:`ServerConnection.try_send`: the
@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Uni
 
 from .backplane import Backplane, BackplaneMessage
 from .connection import ServerConnection
-from .sender import Progress
 from .errors import ConnectionClosed
 from .protocol import Message, PreparedMessage
 from .routing import as_message
+from .sender import Progress
 
-__all__ = ["FanOut", "drive"]
+__all__ = ["FanOut", "drive", "close_all"]
 
 # How often a send queued behind another thread's write is looked at again. That other
 # thread writes our frame after its own; the pause only bounds how late we notice.
@@ -81,6 +81,24 @@ def drive(pending: Iterable[Tuple[ServerConnection, int]], deadline: float
             selector.close()
     unfinished = [c for c, _ in busy] + [c for c, _ in waiting.values()]
     return done, unfinished
+
+
+def close_all(connections: Iterable[ServerConnection], code: int, reason: str,
+              deadline: float) -> None:
+    """Start the closing handshake with every connection at once, then write the Close
+    frames the sockets did not take at once until ``deadline`` (a ``time.monotonic()``
+    value); a connection that cannot take even that frame by then is aborted."""
+    # Every Close frame is started before any is waited for: a client that stopped
+    # reading delays nobody else.
+    pending = []
+    for connection in connections:
+        state, ticket = connection.close_nowait(code, reason)
+        if state is Progress.WAIT_WRITABLE or state is Progress.WAIT_WRITER:
+            pending.append((connection, ticket))
+    if pending:
+        _, unfinished = drive(pending, deadline)
+        for connection in unfinished:
+            connection.abort()  # cannot take a Close frame: nothing more to say
 
 
 def _in_room(room: str, predicate: Optional[Predicate]) -> Predicate:

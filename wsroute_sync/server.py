@@ -28,7 +28,7 @@ from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
-from .fanout import FanOut, drive
+from .fanout import FanOut, close_all
 from .listen import open_listener, prepare_listener
 from .pool import ThreadPool
 from .reaper import Reaper
@@ -36,7 +36,6 @@ from .roster import Roster
 from .pages import HTTPHandler, Pages
 from .registry import Routes
 from .routing import Dispatcher, Handler
-from .sender import Progress
 from .upgrade import answer_and_close
 from .wsgi import WSGIApp, WSGIApplication
 
@@ -169,34 +168,11 @@ class Server:
         message_handler: Optional[MessageHandler] = None,
         logger: Union[logging.Logger, logging.LoggerAdapter, None] = None,  # type: ignore[type-arg]
     ) -> None:
-        self.options = ServerOptions(
-            max_connections=max_connections,
-            max_message_size=max_message_size,
-            max_header_size=max_header_size,
-            max_pending_handshakes=max_pending_handshakes,
-            max_connections_per_ip=max_connections_per_ip,
-            message_rate=message_rate,
-            message_burst=message_burst,
-            trusted_proxies=trusted_proxies,  # type: ignore[arg-type]
-            client_ip_header=client_ip_header,
-            handshake_timeout=handshake_timeout,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            write_timeout=write_timeout,
-            close_timeout=close_timeout,
-            handler_timeout=handler_timeout,
-            path=path,  # type: ignore[arg-type]
-            subprotocols=subprotocols,  # type: ignore[arg-type]
-            compression=compression,
-            allowed_origins=allowed_origins,  # type: ignore[arg-type]
-            check_origin=check_origin,
-            authenticate=authenticate,
-            health_path=health_path,
-            metrics_path=metrics_path,
-            backplane=backplane,
-            thread_policy=thread_policy,
-            logger=logger,
-        )
+        # Every keyword but message_handler is a field of ServerOptions, which checks it
+        # (tests/test_options.py pins the two lists to each other).
+        keywords = dict(locals())
+        del keywords["self"], keywords["message_handler"]
+        self.options = ServerOptions(**keywords)
         if backplane is not None:
             backplane.attach(self)
         if message_handler is not None and not callable(message_handler):
@@ -525,17 +501,7 @@ class Server:
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
             grace_end = min(grace_end, deadline)
-        # Every Close frame is started before any is waited for: a client that stopped
-        # reading delays nobody else.
-        pending = []
-        for connection in connections:
-            state, ticket = connection.close_nowait(CLOSE_GOING_AWAY, "server shutting down")
-            if state is Progress.WAIT_WRITABLE or state is Progress.WAIT_WRITER:
-                pending.append((connection, ticket))
-        if pending:
-            _, unfinished = drive(pending, grace_end)
-            for connection in unfinished:
-                connection.abort()  # cannot take a Close frame: nothing more to say
+        close_all(connections, CLOSE_GOING_AWAY, "server shutting down", grace_end)
         current = threading.current_thread()
         # A connection whose thread has not started yet has no thread: it is waited for.
         others = [c for c in connections if c.thread is not current]
