@@ -809,7 +809,8 @@ type fanConn struct {
 	closeState int32
 	deadline   int64 // unix ns, atomic: when the close handshake's current step times out
 	outcome    string
-	finished   bool
+	finished   int32      // atomic: 1 once the reader let go of the socket
+	wmu        sync.Mutex // our writes: Pongs from the reader, the Close frame
 }
 
 // fanoutReaders reads every client's broadcasts with one goroutine per core,
@@ -832,13 +833,14 @@ type fanoutReaders struct {
 	errs  *errorCounter
 	win   *fanoutWindow
 	epfds []int
-	conns [][]*fanConn // per reader
+	mu    []sync.Mutex // per reader: guards conns[k], which add appends to
+	conns [][]*fanConn // per reader; an epoll event's Fd is the index
 	wg    sync.WaitGroup
 	stop  int32
 }
 
 func newFanoutReaders(cfg *config, errs *errorCounter, win *fanoutWindow, n int) (*fanoutReaders, error) {
-	r := &fanoutReaders{cfg: cfg, errs: errs, win: win, conns: make([][]*fanConn, n)}
+	r := &fanoutReaders{cfg: cfg, errs: errs, win: win, conns: make([][]*fanConn, n), mu: make([]sync.Mutex, n)}
 	for i := 0; i < n; i++ {
 		fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 		if err != nil {
@@ -883,12 +885,17 @@ func (r *fanoutReaders) add(k int, w *wsClient) (*fanConn, error) {
 		_ = syscall.Close(c.fd)
 		return nil, err
 	}
+	// Appended before it is watched, so a reader that gets an event for it
+	// finds it in the slice it reads after epoll_wait returns.
+	r.mu[k].Lock()
+	defer r.mu[k].Unlock()
 	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP, Fd: int32(len(r.conns[k]))}
+	r.conns[k] = append(r.conns[k], c)
 	if err := syscall.EpollCtl(r.epfds[k], syscall.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+		r.conns[k] = r.conns[k][:len(r.conns[k])-1]
 		_ = syscall.Close(c.fd)
 		return nil, err
 	}
-	r.conns[k] = append(r.conns[k], c)
 	return c, nil
 }
 
@@ -913,24 +920,20 @@ func (r *fanoutReaders) loop(k int) {
 	events := make([]syscall.EpollEvent, 1024)
 	buf := make([]byte, 64*1024)
 	oob := make([]byte, 256)
-	conns := r.conns[k]
-	open := len(conns)
 	var swept int64
-	for open > 0 && atomic.LoadInt32(&r.stop) == 0 {
+	for atomic.LoadInt32(&r.stop) == 0 {
 		n, err := syscall.EpollWait(r.epfds[k], events, 0) // never blocks
 		if err != nil && err != syscall.EINTR {
 			r.errs.add("epoll", err)
 			return
 		}
+		r.mu[k].Lock()
+		conns := r.conns[k]
+		r.mu[k].Unlock()
 		now := time.Now().UnixNano()
 		for _, ev := range events[:max(n, 0)] {
-			c := conns[ev.Fd]
-			if c.finished {
-				continue
-			}
-			r.readOnce(c, buf, oob, now)
-			if c.finished {
-				open--
+			if c := conns[ev.Fd]; !c.isFinished() {
+				r.readOnce(c, buf, oob, now)
 			}
 		}
 		if n < len(events) {
@@ -940,14 +943,13 @@ func (r *fanoutReaders) loop(k int) {
 			swept = now
 			for _, c := range conns { // time-outs of close handshakes
 				state, deadline := atomic.LoadInt32(&c.closeState), atomic.LoadInt64(&c.deadline)
-				if !c.finished && state > 0 && deadline > 0 && now > deadline {
+				if !c.isFinished() && state > 0 && deadline > 0 && now > deadline {
 					if state == 2 {
 						r.finish(c, "slow")
 					} else {
 						r.errs.add("close_read", errors.New("no Close frame from the server before the deadline"))
 						r.finish(c, "")
 					}
-					open--
 				}
 			}
 		}
@@ -961,9 +963,11 @@ func max(a, b int) int {
 	return b
 }
 
+func (c *fanConn) isFinished() bool { return atomic.LoadInt32(&c.finished) == 1 }
+
 func (r *fanoutReaders) finish(c *fanConn, outcome string) {
 	c.outcome = outcome
-	c.finished = true
+	atomic.StoreInt32(&c.finished, 1)
 	for _, fd := range r.epfds { // whichever set holds it
 		_ = syscall.EpollCtl(fd, syscall.EPOLL_CTL_DEL, c.fd, nil)
 	}
@@ -1013,7 +1017,7 @@ func (r *fanoutReaders) readOnce(c *fanConn, buf, oob []byte, now int64) {
 		}
 		r.frame(c, op, payload, now)
 		data = data[size:]
-		if c.finished {
+		if c.isFinished() {
 			return
 		}
 	}
@@ -1041,6 +1045,23 @@ func rxTimestamp(oob []byte) int64 {
 		oob = oob[(l+7)&^7:]
 	}
 	return 0
+}
+
+// pong answers a Ping with a masked Pong (all-zero key, so the payload goes
+// as it is), unless our Close frame has gone out.
+func (r *fanoutReaders) pong(c *fanConn, payload []byte) {
+	if len(payload) > 125 {
+		return // not a valid Ping; nothing a client must answer
+	}
+	frame := append([]byte{0x8a, 0x80 | byte(len(payload)), 0, 0, 0, 0}, payload...)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if atomic.LoadInt32(&c.closeState) != 0 {
+		return
+	}
+	if _, err := syscall.Write(c.fd, frame); err != nil {
+		r.errs.add("pong_write", err)
+	}
 }
 
 // nextFrame parses one unmasked, final server frame; size 0 = need more bytes.
@@ -1090,8 +1111,11 @@ func (r *fanoutReaders) frame(c *fanConn, op byte, payload []byte, now int64) {
 		r.errs.add("fanout_read", fmt.Errorf("server closed a reading client: %q", truncate(payload)))
 		r.finish(c, "")
 		return
-	case websocket.PingMessage, websocket.PongMessage:
-		return // no peer pings in this scenario; nothing to answer
+	case websocket.PingMessage:
+		r.pong(c, payload) // wsroute_sync pings every 20 s by default
+		return
+	case websocket.PongMessage:
+		return
 	default:
 		r.errs.add("wrong_frame_type", fmt.Errorf("broadcast frame type %d, want text", op))
 		return
@@ -1196,41 +1220,71 @@ func (c *controlConn) close(errs *errorCounter, res *result) {
 	}
 }
 
+// dialFanout opens cfg.conns clients as dialAll does (at most
+// -dial-concurrency handshakes in flight) and hands each to a reader as soon
+// as its handshake is done.
+func dialFanout(cfg *config, errs *errorCounter, readers *fanoutReaders) []*fanConn {
+	fcs := make([]*fanConn, cfg.conns)
+	sem := make(chan struct{}, cfg.dialConcurrency)
+	var wg sync.WaitGroup
+	for i := 0; i < cfg.conns; i++ {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := dial(cfg)
+			if err != nil {
+				errs.add("connect", err)
+				return
+			}
+			fc, err := readers.add(i%len(readers.epfds), c.(*wsClient))
+			if err != nil {
+				errs.add("epoll", err)
+				c.abort()
+				return
+			}
+			fcs[i] = fc
+		}(i)
+	}
+	wg.Wait()
+	out := fcs[:0]
+	for _, fc := range fcs {
+		if fc != nil {
+			out = append(out, fc)
+		}
+	}
+	return out
+}
+
 func runFanout(cfg *config, errs *errorCounter, res *result) {
 	if cfg.proto != "ws" {
 		fmt.Fprintln(os.Stderr, "loadgen: -mode fanout needs -proto ws")
 		os.Exit(2)
 	}
-	clients := dialAll(cfg, errs, false)
-	c, err := dial(cfg)
-	if err != nil {
-		errs.add("connect", err)
-		closeAll(cfg, clients, errs, res)
-		return
-	}
 	win := &fanoutWindow{}
 	readers, err := newFanoutReaders(cfg, errs, win, runtime.GOMAXPROCS(0))
 	if err != nil {
 		errs.add("epoll", err)
-		closeAll(cfg, append(clients, c), errs, res)
+		return
+	}
+	defer readers.closeEpoll()
+	// The readers run while the clients connect: each client is read from the
+	// moment its handshake is done, as a real one would be, so the server's
+	// keepalive pings are answered however long connecting takes.
+	readers.run()
+	defer func() {
+		atomic.StoreInt32(&readers.stop, 1)
+		readers.wg.Wait()
+	}()
+	fcs := dialFanout(cfg, errs, readers)
+	res.Held = int64(len(fcs))
+	c, err := dial(cfg)
+	if err != nil {
+		errs.add("connect", err)
 		return
 	}
 	ctl := newControlConn(cfg, c.(*wsClient))
-	defer readers.closeEpoll()
-	fcs := make([]*fanConn, 0, len(clients))
-	for i, c := range clients {
-		if c == nil {
-			continue
-		}
-		fc, err := readers.add(i%len(readers.epfds), c.(*wsClient))
-		if err != nil {
-			errs.add("epoll", err)
-			continue
-		}
-		fcs = append(fcs, fc)
-	}
-	res.Held = int64(len(fcs))
-	readers.run()
 
 	params := fmt.Sprintf(`{"interval_ms":%d,"size":%d}`,
 		cfg.fanoutInterval.Milliseconds(), cfg.fanoutSize)
@@ -1266,11 +1320,14 @@ func runFanout(cfg *config, errs *errorCounter, res *result) {
 			defer cw.Done()
 			defer func() { <-sem }()
 			// The deadline is stored before the state, so a reader that sees
-			// state 1 sees the deadline too.
+			// state 1 sees the deadline too; under wmu, so no Pong follows.
+			fc.wmu.Lock()
 			atomic.StoreInt64(&fc.deadline, time.Now().Add(cfg.ioTimeout).UnixNano())
 			atomic.StoreInt32(&fc.closeState, 1)
-			if _, err := syscall.Write(fc.fd, msg); err != nil {
-				errs.add("close_write", err) // 8 bytes into an idle socket: never EAGAIN
+			_, err := syscall.Write(fc.fd, msg) // 8 bytes into an idle socket: never EAGAIN
+			fc.wmu.Unlock()
+			if err != nil && !fc.isFinished() {
+				errs.add("close_write", err)
 			}
 			select {
 			case <-fc.done:
@@ -1282,8 +1339,6 @@ func runFanout(cfg *config, errs *errorCounter, res *result) {
 		}(fc)
 	}
 	cw.Wait()
-	atomic.StoreInt32(&readers.stop, 1)
-	readers.wg.Wait()
 	ctl.close(errs, res)
 
 	var all latencies
