@@ -195,6 +195,34 @@ def test_compressed_messages_count_against_the_limit_after_inflating() -> None:
     assert stream.receive(client.send(TextMessage(data="a" * 5000))) == ["a" * 5000]
 
 
+@pytest.mark.parametrize("compression", [None, "deflate"])
+@pytest.mark.parametrize("shape", ["one frame in parts", "first fragment"])
+def test_invalid_utf8_fails_before_the_rest_of_the_message_arrives(
+        compression: Optional[str], shape: str) -> None:
+    # RFC 6455 8.1, failed fast (Autobahn 6.4.1-6.4.4): the peer's later bytes are not
+    # awaited once the text cannot be UTF-8, even inside a frame that is not all here.
+    import zlib
+
+    from rawclient import encode_frame
+
+    stream, _ = pair(compression=compression)
+    first = "κόσμε".encode() + b"\xed\xa0\x80"  # a UTF-16 surrogate: never UTF-8
+    rest = b"edited" * 40
+    if compression:
+        # Each part ends on a flush: the first inflates whole without the rest.
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+        first = deflater.compress(first) + deflater.flush(zlib.Z_SYNC_FLUSH)
+        rest = (deflater.compress(rest) + deflater.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    rsv = 4 if compression else 0  # RSV1: compressed (RFC 7692 6)
+    if shape == "first fragment":
+        data = encode_frame(1, first, fin=False, rsv=rsv)  # the rest never comes
+    else:
+        frame = encode_frame(1, first + rest, rsv=rsv)
+        data = frame[:len(frame) - len(rest)]
+    (failure,) = stream.receive(data)
+    assert isinstance(failure, ProtocolFailure) and failure.code == 1007
+
+
 def test_ping_and_close() -> None:
     stream, client = pair()
     (ping,) = stream.receive(client.send(Ping(payload=b"p")))

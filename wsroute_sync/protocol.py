@@ -596,28 +596,32 @@ class MessageStream:
                 and not self._fragmented
                 and self.writable
             ):
-                if end - pos < total:
-                    # Wait for the whole (small) frame: decoded at once below, it needs
+                if end - pos >= total:
+                    # RFC 6455 5.3: XOR with the key repeated; as one integer operation,
+                    # the cheapest form for a small payload.
+                    mask = buf[pos + header - 4:pos + header]
+                    payload = (
+                        _from_bytes(buf[pos + header:total + pos], "little")
+                        ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
+                    ).to_bytes(length, "little")
+                    if b0 == _FIN_BINARY:
+                        out.append(payload)
+                        pos += total
+                        continue
+                    try:
+                        out.append(payload.decode("utf-8"))
+                        pos += total
+                        continue
+                    except UnicodeDecodeError:
+                        pass  # read below as any data frame, which reports it (1007)
+                elif b0 == _FIN_BINARY:
+                    # Wait for the whole (small) frame: decoded at once above, it needs
                     # no message buffer.
                     self._hold(buf, pos, total)
                     return out
-                # RFC 6455 5.3: XOR with the key repeated; as one integer operation,
-                # the cheapest form for a small payload.
-                mask = buf[pos + header - 4:pos + header]
-                payload = (
-                    _from_bytes(buf[pos + header:total + pos], "little")
-                    ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
-                ).to_bytes(length, "little")
-                if b0 == _FIN_BINARY:
-                    out.append(payload)
-                    pos += total
-                    continue
-                try:
-                    out.append(payload.decode("utf-8"))
-                    pos += total
-                    continue
-                except UnicodeDecodeError:
-                    pass  # read below as any data frame, which reports it (1007)
+                # Text that is not all here is read below as it comes, so that invalid
+                # UTF-8 in its first part fails the connection before the rest arrives
+                # (RFC 6455 8.1; Autobahn 6.4.3 and 6.4.4 send a frame in three parts).
             if opcode < 3 and b1 & 0x80 and minimal and (self._fast or self._inflates):
                 if not self.writable and self._ended():
                     return out  # after the peer's Close nothing more is read
