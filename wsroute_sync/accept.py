@@ -1,5 +1,5 @@
-"""The accept loop: one thread accepts connections and holds each, without a thread or a
-slot, until its request head is in, then hands it to the server.
+"""The listening socket and its accept loop: one thread accepts connections and holds
+each, without a thread or a slot, until its request head is in, then hands it on.
 
 It waits on one selector over the listening socket, a wake-up pipe (so that ``stop()``
 needs no polling) and the sockets still in admission (:mod:`wsroute_sync.admission`).
@@ -8,14 +8,17 @@ needs no polling) and the sockets still in admission (:mod:`wsroute_sync.admissi
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import ssl
 import time
 from typing import Any, Callable, Optional, Union
 
-from .admission import PendingHandshakes
+from .admission import PendingHandshakes, default_max_pending
 from .http import HTTPRequest
+from .listen import UNKNOWN_TIMEOUT, open_listener, prepare_listener
+from .options import ServerOptions
 
 __all__ = ["Acceptor", "OnHead"]
 
@@ -34,28 +37,42 @@ _PAUSE_SECONDS = 0.1
 
 
 class Acceptor:
-    """The accept loop over one listening socket (non-blocking, already listening).
+    """Listens on ``addr`` (see :func:`~wsroute_sync.listen.parse_address`) from its
+    construction, which raises ``OSError`` if the address cannot be bound.
 
     :meth:`run` serves until :meth:`stop`, then closes the listener and every socket
-    still in admission; :meth:`close` then frees the wake-up pipe.
+    still in admission; :meth:`close` then frees the wake-up pipe and a unix socket's
+    file. ``reuse_port``: share the port with other processes (``SO_REUSEPORT``).
     """
 
     def __init__(
         self,
-        listener: socket.socket,
+        addr: str,
         *,
+        reuse_port: bool,
         ssl_context: Optional[ssl.SSLContext],
-        handshake_timeout: Optional[float],
-        max_header_size: int,
-        max_pending: Optional[int],
+        options: ServerOptions,
         on_head: OnHead,
         logger: _Logger,
     ) -> None:
+        listener, address = open_listener(addr, reuse_port=reuse_port)
+        #: The bound ``(host, port)``, or a unix socket's path.
+        self.address: Any = address
+        self._unix_path = address if listener.family == socket.AF_UNIX else None
+        #: The read timeout accepted sockets inherit (see ``prepare_listener``).
+        self.inherited_read_timeout: Optional[float] = UNKNOWN_TIMEOUT
+        if ssl_context is None and prepare_listener(listener,
+                                                    read_timeout=options.ping_interval):
+            self.inherited_read_timeout = options.ping_interval
+        max_pending = options.max_pending_handshakes
+        if max_pending == "auto":
+            max_pending = default_max_pending(options.max_connections)
+        assert max_pending is None or isinstance(max_pending, int)
         self._listener = listener
         self._ssl_context = ssl_context
-        self._handshake_timeout = handshake_timeout
-        self._max_header_size = max_header_size
-        self._max_pending = max_pending
+        self._handshake_timeout = options.handshake_timeout
+        self._max_header_size = options.max_header_size
+        self._max_pending: Optional[int] = max_pending
         self._on_head = on_head
         self._logger = logger
         self._stopping = False
@@ -72,9 +89,15 @@ class Acceptor:
             pass
 
     def close(self) -> None:
-        """Free the wake-up pipe, once :meth:`run` has returned (or will never run)."""
+        """Free the wake-up pipe and a unix socket's file, once :meth:`run` has returned
+        (or will never run)."""
         self._wake_r.close()
         self._wake_w.close()
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
 
     def run(self) -> None:
         """Accept and admit until :meth:`stop`."""

@@ -25,7 +25,7 @@ from wsproto.connection import ConnectionState
 
 from .http import HTTPRequest
 from .limits import TokenBucket
-from .listen import timeval
+from .listen import UNKNOWN_TIMEOUT, timeval
 from .options import ServerOptions
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
@@ -43,7 +43,6 @@ from .upgrade import answer_and_close, negotiate
 __all__ = [
     "ConnectionOwner",
     "ServerConnection",
-    "UNKNOWN_TIMEOUT",
 ]
 
 # CPython allocates the whole buffer of a recv() before it blocks, so an idle connection
@@ -56,8 +55,6 @@ _RECV_SMALL = 2048
 _RECV_LARGE = 262144
 
 _TIMEOUT_ERRORS = (BlockingIOError, socket.timeout)
-#: The ``inherited_read_timeout`` of a socket whose SO_RCVTIMEO is not known.
-UNKNOWN_TIMEOUT = -1.0
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 

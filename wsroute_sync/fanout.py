@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import selectors
+import threading
 import time
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -84,10 +85,14 @@ def drive(pending: Iterable[Tuple[ServerConnection, int]], deadline: float
 
 
 def close_all(connections: Iterable[ServerConnection], code: int, reason: str,
-              deadline: float) -> None:
-    """Start the closing handshake with every connection at once, then write the Close
-    frames the sockets did not take at once until ``deadline`` (a ``time.monotonic()``
-    value); a connection that cannot take even that frame by then is aborted."""
+              deadline: float) -> List[ServerConnection]:
+    """Start the closing handshake with every connection at once, then wait until
+    ``deadline`` (a ``time.monotonic()`` value) for the Close frames to go out and the
+    connections' threads to finish; abort those that have not.
+
+    Returns the connections whose threads may still be running (all but the calling
+    thread's own: a handler shutting its server down does not wait for itself).
+    """
     # Every Close frame is started before any is waited for: a client that stopped
     # reading delays nobody else.
     pending = []
@@ -99,6 +104,15 @@ def close_all(connections: Iterable[ServerConnection], code: int, reason: str,
         _, unfinished = drive(pending, deadline)
         for connection in unfinished:
             connection.abort()  # cannot take a Close frame: nothing more to say
+    current = threading.current_thread()
+    # A connection whose thread has not started yet has no thread: it is waited for.
+    others = [c for c in connections if c.thread is not current]
+    for connection in others:
+        connection.wait_finished(max(0.0, deadline - time.monotonic()))
+    for connection in others:
+        if not connection.finished:
+            connection.abort()  # unblocks its read; a running handler still finishes
+    return others
 
 
 def _in_room(room: str, predicate: Optional[Predicate]) -> Predicate:

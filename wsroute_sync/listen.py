@@ -1,4 +1,5 @@
-"""Listening sockets: parse an address, bind it, and set what accepted sockets inherit."""
+"""Listening sockets: parse an address, bind it, set what accepted sockets inherit, and
+name it as a URL."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import struct
 import sys
 from typing import Any, Optional, Tuple
 
-__all__ = ["parse_address", "open_listener", "prepare_listener", "timeval", "LISTEN_BACKLOG"]
+__all__ = [
+    "parse_address", "open_listener", "prepare_listener", "url_for", "timeval", "LISTEN_BACKLOG",
+    "UNKNOWN_TIMEOUT",
+]
 
 LISTEN_BACKLOG = 1024
+#: The read timeout of an accepted socket whose SO_RCVTIMEO is not known (it did not
+#: inherit one from a listener :func:`prepare_listener` set up).
+UNKNOWN_TIMEOUT = -1.0
 
 
 def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
@@ -80,6 +87,16 @@ def open_listener(addr: str, *, reuse_port: bool = False) -> Tuple[socket.socket
         bound = listener.getsockname()[:2]
     listener.setblocking(False)
     return listener, bound
+
+
+def url_for(address: Any, *, tls: bool) -> str:
+    """The URL clients use for a bound ``address`` (``(host, port)``, or a unix path)."""
+    if isinstance(address, str):
+        return f"ws+unix://{address}"
+    host, port = address[0], address[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'wss' if tls else 'ws'}://{host}:{port}/"
 
 
 def timeval(seconds: Optional[float]) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, Union
 
 from .backplane import Backplane
 from .limits import check_client_ip_header, check_trusted_proxies
@@ -54,7 +54,75 @@ def _check_size(name: str, value: Optional[int], *, allow_none: bool = True) -> 
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
-    """The validated options of a server; see :class:`~wsroute_sync.Server` for each."""
+    """The validated options of a server: every keyword of :class:`~wsroute_sync.Server`
+    but ``message_handler``. ``None`` switches a feature off.
+
+    Limits:
+        max_connections: open connections at once (default 1000); one more gets
+            HTTP 503 "Too many connections" with ``Retry-After`` before any upgrade.
+        max_message_size: bytes in one message, after reassembly and decompression
+            (default 1 MiB); more closes the connection with 1009.
+        max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431.
+        max_pending_handshakes: accepted sockets still waiting for their request head (or
+            TLS handshake); they wait in the accept loop, without a thread or a slot.
+            Past it the oldest is dropped. ``"auto"`` (default): what the process's file
+            descriptor limit leaves beside ``max_connections``; ``None``: no bound.
+
+    Per-client limits (off by default):
+        max_connections_per_ip: open connections from one client address; one more
+            gets HTTP 429 "Too many connections from this address" before any upgrade.
+        message_rate, message_burst: messages per second a connection may send (a token
+            bucket holding ``message_burst`` tokens, default ``max(1, message_rate)``);
+            a message over it is not handled and gets the error envelope
+            ``{"code":1,"msg":"rate limit exceeded","data":null}``.
+        trusted_proxies: addresses or networks (``"10.0.0.0/8"``) of proxies whose
+            ``client_ip_header`` (default ``X-Forwarded-For``) names the client; from
+            any other peer the header is ignored and the peer's address counts.
+
+    Timeouts (seconds):
+        handshake_timeout: to receive the whole request head (default 10); else 408.
+        ping_interval, ping_timeout: an idle connection is pinged after
+            ``ping_interval`` and closed with 1011 if no pong comes within
+            ``ping_timeout`` (defaults 20 and 20).
+        write_timeout: a write that makes no progress for this long drops the client
+            (default 10), so a client that stops reading cannot pin a thread.
+        close_timeout: how long to wait for the client's answer to our Close (default 10).
+        handler_timeout: a handler's deadline (default 10), on ``ctx.deadline``.
+            Python cannot stop a thread, so it is cooperative; overruns are logged.
+
+    Protocol:
+        path: accept upgrades only on this path (or these paths); default: any path.
+        subprotocols: subprotocols the server speaks, in order of preference.
+        compression: ``"deflate"`` to offer permessage-deflate (RFC 7692); default off,
+            because it costs more CPU than it saves on small JSON messages.
+
+    Security:
+        allowed_origins: origins allowed to connect (``["*"]`` for any); default: the
+            gorilla rule, no ``Origin`` or an ``Origin`` whose host equals ``Host``.
+        check_origin: ``check_origin(request) -> bool`` instead of that rule.
+        authenticate: ``authenticate(request) -> identity`` run before the upgrade; a
+            falsy result refuses with 403, raising ``HandshakeRejected`` picks the status.
+
+    HTTP:
+        health_path: plain ``GET`` answered with the server's health (default
+            ``/healthz``); metrics_path: Prometheus text (default ``/metrics``).
+
+    Scale-out:
+        backplane: a :class:`~wsroute_sync.Backplane` such as ``RedisBackplane(url)``;
+            ``broadcast()`` (with or without ``room=``) and ``send_to()`` then reach the
+            clients of every instance that shares it; default: this process only.
+
+    Threads:
+        thread_policy: ``"batch"`` runs connection threads under Linux's ``SCHED_BATCH``
+            policy, so that hundreds of threads waking up to wait for the GIL do not
+            preempt the one holding it; ``None`` leaves them under the policy they
+            inherit. ``"auto"`` (default): ``"batch"`` in a single server process,
+            ``None`` in the worker processes of ``serve(workers=N)``, where it measured
+            slower. Elsewhere, or where the system refuses, batch changes nothing.
+
+    Logging:
+        logger: where records go (default ``logging.getLogger("wsroute_sync.server")``).
+    """
 
     # Limits
     max_connections: int = DEFAULT_MAX_CONNECTIONS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from .http import HTTPRequest, http_response
 
@@ -26,8 +26,8 @@ _UPGRADE_REQUIRED = "This is a WebSocket endpoint: connect with a WebSocket clie
 class Pages:
     """The plain HTTP side of one server.
 
-    ``health()`` gives the health document (its ``"status"`` is ``"ok"`` or
-    ``"closing"``, which is served with 503); ``metrics()`` the Prometheus text. A
+    The health page tells ``closing()`` (served with 503), ``active()`` connections and
+    ``max_connections``; the metrics page serves ``metrics()``, the Prometheus text. A
     ``None`` path switches that page off.
     """
 
@@ -36,13 +36,17 @@ class Pages:
         *,
         health_path: Optional[str],
         metrics_path: Optional[str],
-        health: Callable[[], Dict[str, Any]],
+        closing: Callable[[], bool],
+        active: Callable[[], int],
+        max_connections: int,
         metrics: Callable[[], str],
         logger: _Logger,
     ) -> None:
         self._health_path = health_path
         self._metrics_path = metrics_path
-        self._health = health
+        self._closing = closing
+        self._active = active
+        self._max_connections = max_connections
         self._metrics = metrics
         self._logger = logger
         self._pages: Dict[str, HTTPHandler] = {}
@@ -62,11 +66,14 @@ class Pages:
         head_only = request.method == "HEAD"
         if request.method in ("GET", "HEAD"):
             if self._health_path is not None and request.path == self._health_path:
-                health = self._health()
-                return http_response(
-                    503 if health["status"] == "closing" else 200, json.dumps(health),
-                    content_type="application/json", head_only=head_only,
-                )
+                closing = self._closing()
+                health = {
+                    "status": "closing" if closing else "ok",
+                    "active_connections": self._active(),
+                    "max_connections": self._max_connections,
+                }
+                return http_response(503 if closing else 200, json.dumps(health),
+                                     content_type="application/json", head_only=head_only)
             if self._metrics_path is not None and request.path == self._metrics_path:
                 return http_response(
                     200, self._metrics(), head_only=head_only,

@@ -1,5 +1,5 @@
 """The live connections of one server: the slots they hold, their count per client
-address, the table of them by id, and the numbers of those that have ended.
+address, their ids and the table of them by id, and the numbers of those that ended.
 
 A connection is admitted with a slot of a bounded semaphore, taken without waiting (over
 the limit the client gets 503 before any upgrade), and registered under the roster's
@@ -9,7 +9,9 @@ back when it ends, from its thread's ``finally`` beside the socket close.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -39,11 +41,19 @@ class Roster:
         self._lock = threading.Lock()
         self._totals = Totals()
         self._sealed = False
+        self._ids = itertools.count(1)
+        #: This instance's id: every connection id is ``f"{instance_id}-{n}"``, so that
+        #: ``send_to`` can tell, through a backplane, which instance holds a client.
+        self.instance_id = secrets.token_hex(4)
+
+    def renew_instance_id(self) -> None:
+        """A new :attr:`instance_id`, for a freshly forked worker process."""
+        self.instance_id = secrets.token_hex(4)
 
     def admit(self, remote: Any, request: HTTPRequest,
-              connect: Callable[[], ServerConnection]
+              connect: Callable[[str], ServerConnection]
               ) -> Tuple[Optional[bytes], Optional[ServerConnection]]:
-        """A slot for a complete request head and the connection ``connect()`` makes,
+        """A slot for a complete request head and the connection ``connect(id)`` makes,
         registered; or the answer refusing it (503 full or closing, 429 per client)."""
         if not self._slots.acquire(blocking=False):
             with self._lock:
@@ -69,7 +79,7 @@ class Roster:
                 )
                 return http_response(429, "Too many connections from this address\n",
                                      headers=[("Retry-After", "1")]), None
-        connection = connect()
+        connection = connect(f"{self.instance_id}-{next(self._ids)}")
         with self._lock:
             if not self._sealed:
                 # Registered before it starts, so close() never misses a connection.

@@ -9,10 +9,7 @@ beside the socket close; handlers live in a dict guarded by a ``threading.Lock``
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import secrets
 import socket
 import ssl
 import threading
@@ -20,16 +17,15 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .accept import Acceptor
-from .admission import default_max_pending
 from .backplane import Backplane
-from .connection import UNKNOWN_TIMEOUT, ServerConnection
+from .connection import ServerConnection
 from .context import Context
 from .http import HTTPRequest, http_response
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
 from .protocol import CLOSE_GOING_AWAY, Message
 from .fanout import FanOut, close_all
-from .listen import open_listener, prepare_listener
+from .listen import UNKNOWN_TIMEOUT, url_for
 from .pool import ThreadPool
 from .reaper import Reaper
 from .roster import Roster
@@ -56,76 +52,13 @@ _IDLE_THREAD_SECONDS = 30.0
 class Server:
     """A threaded WebSocket server that routes JSON messages to handlers.
 
-    Keyword-only options, grouped as in :class:`~wsroute_sync.options.ServerOptions`;
-    ``None`` switches a feature off:
+    Every keyword but ``message_handler`` is an option: keyword-only, checked at once,
+    kept in ``server.options`` and documented, group by group as in the signature, by
+    :class:`~wsroute_sync.options.ServerOptions` (and the guide's "Server options").
+    ``None`` switches a feature off.
 
-    Limits:
-        max_connections: open connections at once (default 1000); one more gets
-            HTTP 503 "Too many connections" with ``Retry-After`` before any upgrade.
-        max_message_size: bytes in one message, after reassembly and decompression
-            (default 1 MiB); more closes the connection with 1009.
-        max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431.
-        max_pending_handshakes: accepted sockets still waiting for their request head (or
-            TLS handshake); they wait in the accept loop, without a thread or a slot.
-            Past it the oldest is dropped. ``"auto"`` (default): what the process's file
-            descriptor limit leaves beside ``max_connections``; ``None``: no bound.
-
-    Per-client limits (off by default):
-        max_connections_per_ip: open connections from one client address; one more
-            gets HTTP 429 "Too many connections from this address" before any upgrade.
-        message_rate, message_burst: messages per second a connection may send (a token
-            bucket holding ``message_burst`` tokens, default ``max(1, message_rate)``);
-            a message over it is not handled and gets the error envelope
-            ``{"code":1,"msg":"rate limit exceeded","data":null}``.
-        trusted_proxies: addresses or networks (``"10.0.0.0/8"``) of proxies whose
-            ``client_ip_header`` (default ``X-Forwarded-For``) names the client; from
-            any other peer the header is ignored and the peer's address counts.
-
-    Timeouts (seconds):
-        handshake_timeout: to receive the whole request head (default 10); else 408.
-        ping_interval, ping_timeout: an idle connection is pinged after
-            ``ping_interval`` and closed with 1011 if no pong comes within
-            ``ping_timeout`` (defaults 20 and 20).
-        write_timeout: a write that makes no progress for this long drops the client
-            (default 10), so a client that stops reading cannot pin a thread.
-        close_timeout: how long to wait for the client's answer to our Close (default 10).
-        handler_timeout: a handler's deadline (default 10), on ``ctx.deadline``.
-            Python cannot stop a thread, so it is cooperative; overruns are logged.
-
-    Protocol:
-        path: accept upgrades only on this path (or these paths); default: any path.
-        subprotocols: subprotocols the server speaks, in order of preference.
-        compression: ``"deflate"`` to offer permessage-deflate (RFC 7692); default off,
-            because it costs more CPU than it saves on small JSON messages.
-
-    Security:
-        allowed_origins: origins allowed to connect (``["*"]`` for any); default: the
-            gorilla rule, no ``Origin`` or an ``Origin`` whose host equals ``Host``.
-        check_origin: ``check_origin(request) -> bool`` instead of that rule.
-        authenticate: ``authenticate(request) -> identity`` run before the upgrade; a
-            falsy result refuses with 403, raising ``HandshakeRejected`` picks the status.
-
-    HTTP:
-        health_path: plain ``GET`` answered with the server's health (default
-            ``/healthz``); metrics_path: Prometheus text (default ``/metrics``).
-
-    Scale-out:
-        backplane: a :class:`~wsroute_sync.Backplane` such as ``RedisBackplane(url)``;
-            ``broadcast()`` (with or without ``room=``) and ``send_to()`` then reach the
-            clients of every instance that shares it; default: this process only.
-
-    Threads:
-        thread_policy: ``"batch"`` runs connection threads under Linux's ``SCHED_BATCH``
-            policy, so that hundreds of threads waking up to wait for the GIL do not
-            preempt the one holding it; ``None`` leaves them under the policy they
-            inherit. ``"auto"`` (default): ``"batch"`` in a single server process,
-            ``None`` in the worker processes of ``serve(workers=N)``, where it measured
-            slower. Elsewhere, or where the system refuses, batch changes nothing.
-
-    Others:
-        message_handler: ``message_handler(connection, message) -> reply`` replaces JSON
-            routing with a raw hook (an echo server is ``lambda c, m: m``).
-        logger: where records go (default ``logging.getLogger("wsroute_sync.server")``).
+    message_handler: ``message_handler(connection, message) -> reply`` replaces JSON
+        routing with a raw hook (an echo server is ``lambda c, m: m``).
     """
 
     def __init__(
@@ -187,8 +120,11 @@ class Server:
         )
         # The registry: a dict guarded by a lock, published to the dispatcher.
         self._routes = Routes(self._dispatcher)
-        self._pages = Pages(health_path=health_path, metrics_path=metrics_path,
-                            health=self._health, metrics=self.metrics_text, logger=self.logger)
+        self._pages = Pages(
+            health_path=health_path, metrics_path=metrics_path,
+            closing=lambda: self._closing, active=lambda: self.active_connections,
+            max_connections=max_connections, metrics=self.metrics_text, logger=self.logger,
+        )
         #: The answer to a request that asks for no upgrade (the ConnectionOwner
         #: interface): health, metrics, the pages of :meth:`register_http`, else 426.
         self.http_answer = self._pages.answer
@@ -202,20 +138,17 @@ class Server:
         #: A connection has ended (the ConnectionOwner interface): forget it, count it,
         #: free its slot.
         self.connection_done = self._roster.done
-        self._id_prefix = secrets.token_hex(4) + "-"
-        self._ids = itertools.count(1)
         # Lifecycle.
         self._state_lock = threading.Lock()
         self._acceptor: Optional[Acceptor] = None
         self._ssl_context: Optional[ssl.SSLContext] = None
-        self._unix_path: Optional[str] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._closing = False
         self._closed = threading.Event()
         self._reaper = Reaper("wsroute_sync-reaper", self.logger)
         self._fanout = FanOut(
             connections=self._roster.connections, lookup=self._roster.get,
-            instance_id=lambda: self._id_prefix[:-1], backplane=backplane,
+            instance_id=lambda: self._roster.instance_id, backplane=backplane,
             write_timeout=write_timeout, logger=self.logger,
         )
         self._pool = ThreadPool(
@@ -223,8 +156,6 @@ class Server:
             # "auto" is "batch" here; a worker process sets its pool back (workers.py).
             thread_policy=None if self.options.thread_policy is None else "batch",
         )
-        # SO_RCVTIMEO that accepted sockets inherit from the listener (prepare_listener).
-        self._accepted_read_timeout: Optional[float] = UNKNOWN_TIMEOUT
         self._supervisor: Any = None  # a workers.Supervisor in the parent of workers
         self.address: Any = None
 
@@ -328,14 +259,6 @@ class Server:
         """:meth:`stats` in the Prometheus text format, as ``GET /metrics`` serves it."""
         return self._roster.metrics_text()
 
-    def _health(self) -> Dict[str, Any]:
-        # The document GET /healthz serves (pages.py); 503 once closing.
-        return {
-            "status": "closing" if self._closing else "ok",
-            "active_connections": self.active_connections,
-            "max_connections": self.max_connections,
-        }
-
     # Lifecycle.
 
     @property
@@ -343,13 +266,7 @@ class Server:
         """``ws://host:port/`` (or ``wss://``) of the listening socket."""
         if self.address is None:
             raise RuntimeError("the server is not listening")
-        if isinstance(self.address, str):
-            return f"ws+unix://{self.address}"
-        host, port = self.address[0], self.address[1]
-        scheme = "wss" if self._ssl_context is not None else "ws"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{scheme}://{host}:{port}/"
+        return url_for(self.address, tls=self._ssl_context is not None)
 
     def _listen(self, addr: str, ssl_context: Optional[ssl.SSLContext], *,
                 reuse_port: bool = False) -> Acceptor:
@@ -359,29 +276,16 @@ class Server:
                 raise RuntimeError("the server is closed; make a new one")
             if self._acceptor is not None:
                 raise RuntimeError("the server is already listening")
-            listener, self.address = open_listener(addr, reuse_port=reuse_port)
-            if listener.family == socket.AF_UNIX:
-                self._unix_path = self.address
-            if ssl_context is None and prepare_listener(
-                listener, read_timeout=self.options.ping_interval
-            ):
-                self._accepted_read_timeout = self.options.ping_interval
-            options = self.options
-            max_pending = options.max_pending_handshakes
-            if max_pending == "auto":
-                max_pending = default_max_pending(options.max_connections)
-            assert max_pending is None or isinstance(max_pending, int)
             self._acceptor = acceptor = Acceptor(
-                listener, ssl_context=ssl_context,
-                handshake_timeout=options.handshake_timeout,
-                max_header_size=options.max_header_size, max_pending=max_pending,
+                addr, reuse_port=reuse_port, ssl_context=ssl_context, options=self.options,
                 on_head=self._on_head, logger=self.logger,
             )
+            self.address = acceptor.address
             self._ssl_context = ssl_context
         self.logger.info("server listening on %s", self.url)
         if self.options.backplane is not None:
             # Never raises for an unreachable peer: local delivery starts regardless.
-            self.options.backplane.start(self._id_prefix[:-1], self._fanout.deliver_remote)
+            self.options.backplane.start(self._roster.instance_id, self._fanout.deliver_remote)
         return acceptor
 
     def start(self, addr: str = "127.0.0.1:0", *, ssl_context: Optional[ssl.SSLContext] = None,
@@ -444,7 +348,7 @@ class Server:
             # must be able to preempt to run soon: two workers on two cores with batch
             # measured 72-78k round trips/s at 50 connections against 84-103k without.
             self._pool.thread_policy = None
-        self._id_prefix = secrets.token_hex(4) + "-"
+        self._roster.renew_instance_id()
 
     def wait_closed(self, timeout: Optional[float] = None) -> bool:
         """Block until :meth:`close` has finished; ``False`` if ``timeout`` ran out."""
@@ -501,15 +405,7 @@ class Server:
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
             grace_end = min(grace_end, deadline)
-        close_all(connections, CLOSE_GOING_AWAY, "server shutting down", grace_end)
-        current = threading.current_thread()
-        # A connection whose thread has not started yet has no thread: it is waited for.
-        others = [c for c in connections if c.thread is not current]
-        for connection in others:
-            connection.wait_finished(left(grace_end))
-        for connection in others:
-            if not connection.finished:
-                connection.abort()  # unblocks its read; a running handler still finishes
+        others = close_all(connections, CLOSE_GOING_AWAY, "server shutting down", grace_end)
         # Aborted connections cannot block any more (their sockets are shut down), but
         # their threads still need a moment to run to their end: a short margin past
         # the deadline, so that a close(timeout) that had to abort still finishes them.
@@ -527,11 +423,6 @@ class Server:
         self._reaper.stop()
         if acceptor is not None:
             acceptor.close()
-        if self._unix_path is not None:
-            try:
-                os.unlink(self._unix_path)
-            except OSError:
-                pass
         self._closed.set()
         self.logger.info(
             "server closed (%d connection(s) closed, %d unfinished)",
@@ -544,8 +435,9 @@ class Server:
                  ) -> Optional[bytes]:
         # A complete request head, in the accept loop: a slot and a thread, or the
         # answer refusing it.
+        assert self._acceptor is not None
         refusal, connection = self._admit(sock, remote, request, rest,
-                                          self._accepted_read_timeout)
+                                          self._acceptor.inherited_read_timeout)
         if connection is None:
             return refusal
         try:
@@ -563,8 +455,8 @@ class Server:
         refusing it (503, or 429 for a client over its own limit)."""
         if self._closing:
             return http_response(503, "server shutting down\n"), None
-        return self._roster.admit(remote, request, lambda: ServerConnection(
-            self, sock, remote, f"{self._id_prefix}{next(self._ids)}", request, rest=rest,
+        return self._roster.admit(remote, request, lambda connection_id: ServerConnection(
+            self, sock, remote, connection_id, request, rest=rest,
             inherited_read_timeout=inherited_read_timeout,
         ))
 
