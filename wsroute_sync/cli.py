@@ -217,9 +217,7 @@ def _run(server: Server, host: str, port: int, workers: int = 1) -> int:
     if host == "0.0.0.0":
         address = f":{port}"
     if workers != 1:
-        from .workers import run_from_cli
-
-        return run_from_cli(server, address, workers)
+        return _run_workers(server, address, workers)
     try:
         server.start(address)
     except OSError as exc:
@@ -228,6 +226,26 @@ def _run(server: Server, host: str, port: int, workers: int = 1) -> int:
     # Printed, not logged: scripts and test harnesses read the bound port from it.
     print(f"listening on {server.url}", flush=True)
     server.wait_closed()
+    return 0
+
+
+def _run_workers(server: Server, address: str, workers: int) -> int:
+    """``--workers N``: fork the workers, print ``listening on URL`` once they all are."""
+    from .workers import serve_workers
+
+    def ready(url: str) -> None:
+        # Printed, not logged: scripts and test harnesses read the bound port from it.
+        print(f"listening on {url}", flush=True)
+
+    try:
+        serve_workers(server, address, workers, ready=ready)
+    except (TypeError, ValueError) as exc:
+        print(f"wsroute-sync: --workers: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
+        print(f"wsroute-sync: cannot serve on {address} with {workers} workers: {exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Listening sockets: parse an address, bind it, set what accepted sockets inherit, and
-name it as a URL."""
+"""Listening sockets: parse an address, bind it (alone, or reserving a port that worker
+processes share), set what accepted sockets inherit, and name it as a URL."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 from typing import Any, Optional, Tuple
 
 __all__ = [
-    "parse_address", "open_listener", "prepare_listener", "url_for", "timeval", "LISTEN_BACKLOG",
-    "UNKNOWN_TIMEOUT",
+    "parse_address", "open_listener", "reserve_port", "prepare_listener", "url_for", "timeval",
+    "LISTEN_BACKLOG", "UNKNOWN_TIMEOUT",
 ]
 
 LISTEN_BACKLOG = 1024
@@ -97,6 +97,38 @@ def url_for(address: Any, *, tls: bool) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{'wss' if tls else 'ws'}://{host}:{port}/"
+
+
+def reserve_port(host: str, port: int) -> Tuple[socket.socket, str]:
+    """Bind, without listening, a socket that shares its port (``SO_REUSEPORT``), so that
+    the port stays taken while the processes that listen on it come and go.
+
+    Returns the socket and the address for :func:`open_listener` with
+    ``reuse_port=True`` (``":port"`` for every interface, ``"host:port"``,
+    ``"[host]:port"``), naming the port bound (port 0 picks one). Raises ``OSError``.
+    """
+    if host == "":
+        family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+        sockaddr: Any = ("", port) if family == socket.AF_INET6 else ("0.0.0.0", port)
+    else:
+        infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
+        family, sockaddr = infos[0][0], infos[0][4][:2]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if host == "" and family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    if host == "":
+        return sock, f":{bound_port}"
+    if ":" in bound_host:
+        return sock, f"[{bound_host}]:{bound_port}"
+    return sock, f"{bound_host}:{bound_port}"
 
 
 def timeval(seconds: Optional[float]) -> bytes:

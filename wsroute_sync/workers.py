@@ -47,7 +47,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from .listen import parse_address
+from .listen import parse_address, reserve_port
+
+__all__ = ["Supervisor", "WorkerServer", "serve_workers", "check_workers", "reuse_port_supported",
+           "EXIT_NOT_SERVING"]
 
 
 class WorkerServer(Protocol):
@@ -75,9 +78,6 @@ class WorkerServer(Protocol):
 
     def enter_worker_process(self) -> None: ...
 
-
-__all__ = ["Supervisor", "WorkerServer", "serve_workers", "run_from_cli", "check_workers", "reuse_port_supported",
-           "EXIT_NOT_SERVING"]
 
 _MIN_BACKOFF = 0.1
 _MAX_BACKOFF = 10.0
@@ -140,7 +140,6 @@ class Supervisor:
         family, address = parse_address(addr)
         if family == socket.AF_UNIX:
             raise ValueError("workers share a TCP port; a unix: address cannot be shared")
-        self._family: socket.AddressFamily = family
         self._host, self._port = address
         self._ssl_context = ssl_context
         self._logger = server.logger
@@ -167,33 +166,9 @@ class Supervisor:
 
         Raises ``OSError`` when the address cannot be bound, before any fork.
         """
-        host, port = self._host, self._port
-        if host == "":
-            family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
-            sockaddr: Any = ("", port) if family == socket.AF_INET6 else ("0.0.0.0", port)
-        else:
-            infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_STREAM)
-            family, sockaddr = infos[0][0], infos[0][4][:2]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if host == "" and family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
+        sock, self._worker_addr = reserve_port(self._host, self._port)
         self._reservation = sock
-        bound_host, bound_port = sock.getsockname()[:2]
-        self._port = bound_port
-        if host == "":
-            self._worker_addr = f":{bound_port}"
-        elif ":" in bound_host:
-            self._worker_addr = f"[{bound_host}]:{bound_port}"
-        else:
-            self._worker_addr = f"{bound_host}:{bound_port}"
-        self.server.address = (bound_host, bound_port)
+        self.server.address = sock.getsockname()[:2]
 
     def release(self) -> None:
         """Give back the port :meth:`reserve` bound, when the workers will not start."""
@@ -519,22 +494,3 @@ def serve_workers(server: WorkerServer, addr: str, workers: int, *,
         supervisor.run(ready)
     finally:
         server.close()
-
-
-def run_from_cli(server: WorkerServer, addr: str, workers: int) -> int:
-    """The command line's ``--workers N``: print ``listening on URL`` once ready."""
-
-    def ready(url: str) -> None:
-        # Printed, not logged: scripts and test harnesses read the bound port from it.
-        print(f"listening on {url}", flush=True)
-
-    try:
-        serve_workers(server, addr, workers, ready=ready)
-    except (TypeError, ValueError) as exc:
-        print(f"wsroute-sync: --workers: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as exc:
-        print(f"wsroute-sync: cannot serve on {addr} with {workers} workers: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
