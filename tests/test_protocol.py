@@ -297,7 +297,8 @@ def test_accept_matches_wsprotos_own_handshake(offer: List[str], subprotocols: A
     ours, ws, chosen, deflate = accept_upgrade(req, subprotocols=subprotocols,
                                                compression=compression)
     reference = H11Handshake(CT.SERVER)
-    reference.initiate_upgrade_connection(req.headers.raw(), req.target)
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.headers.items()]
+    reference.initiate_upgrade_connection(raw_headers, req.target)
     list(reference.events())
     exts = [PerMessageDeflate()] if compression else []
     theirs = reference.send(AcceptConnection(subprotocol=chosen, extensions=exts))

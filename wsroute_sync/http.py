@@ -67,10 +67,6 @@ class Headers:
         """All ``(name, value)`` pairs, names lower-case."""
         return list(self._items)
 
-    def raw(self) -> List[Tuple[bytes, bytes]]:
-        """The pairs as bytes, the form h11 and wsproto take."""
-        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._items]
-
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
 

@@ -50,7 +50,6 @@ def _refuse_constant(name: str) -> Any:
 _monotonic = time.monotonic
 _bisect = bisect.bisect_left
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-_loads = _decoder.decode
 # allow_nan=False: NaN and the infinities are no JSON either (the decoder above refuses
 # them); json's default would write the bare words NaN and Infinity onto the wire.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
