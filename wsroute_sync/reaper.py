@@ -14,14 +14,15 @@ __all__ = ["Reaper"]
 
 
 class Reaper:
-    """One thread for the whole server that drops connections whose Close went unanswered.
+    """One thread for the whole server that drops connections whose Close went unanswered
+    within ``close_timeout`` seconds (``None``: never).
 
     A Close started from another thread (``server.close()``, ``connection.close()``)
     cannot shorten the read timeout the connection thread is already blocked in, so the
     deadline is kept here instead of in a timer per connection.
     """
 
-    def __init__(self, name: str, logger: Any) -> None:
+    def __init__(self, name: str, logger: Any, close_timeout: Optional[float]) -> None:
         self._heap: List[Tuple[float, int, ServerConnection]] = []
         self._cond = threading.Condition(threading.Lock())
         self._counter = itertools.count()
@@ -29,8 +30,13 @@ class Reaper:
         self._stopped = False
         self._name = name
         self._logger = logger
+        self._close_timeout = close_timeout
 
-    def schedule(self, connection: ServerConnection, delay: float) -> None:
+    def schedule(self, connection: ServerConnection) -> None:
+        """Drop ``connection`` if it has not finished within ``close_timeout``."""
+        delay = self._close_timeout
+        if delay is None:
+            return
         with self._cond:
             if self._stopped:
                 return

@@ -1,10 +1,11 @@
-"""The Server: a listening socket, an accept loop, a thread per connection, a registry.
+"""The Server: its lifecycle (listen, start, serve, close) and the wiring of admission.
 
-The shape follows the Go original: a blocking listener; each accepted connection takes a
-slot of a bounded semaphore (without waiting; over the limit the client gets HTTP 503
-before any upgrade) and gets its own thread, which releases the slot in its ``finally``
-beside the socket close; handlers live in a dict guarded by a ``threading.Lock``
-(registry.py), plain HTTP pages in pages.py.
+The shape follows the Go original: a listener whose accept loop (accept.py) hands each
+complete request head here; the connection takes a slot of a bounded semaphore without
+waiting (roster.py; over the limit the client gets HTTP 503 before any upgrade) and a
+thread of its own (pool.py), which gives the slot back in its ``finally`` beside the
+socket close. Handlers live in a dict guarded by a ``threading.Lock`` (registry.py),
+plain HTTP pages in pages.py; ``close()`` is idempotent and safe from any thread.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ class Server:
         self._accept_thread: Optional[threading.Thread] = None
         self._closing = False
         self._closed = threading.Event()
-        self._reaper = Reaper("wsroute_sync-reaper", self.logger)
+        self._reaper = Reaper("wsroute_sync-reaper", self.logger, close_timeout)
+        #: Drop a connection whose closing handshake is not over within close_timeout (the
+        #: ConnectionOwner interface).
+        self.expect_close = self._reaper.schedule
         self._fanout = FanOut(
             connections=self._roster.connections, lookup=self._roster.get,
             instance_id=lambda: self._roster.instance_id, backplane=backplane,
@@ -225,8 +229,8 @@ class Server:
         goes as text, bytes as binary, anything else as JSON text (``TypeError`` or
         ``ValueError`` for a value JSON cannot encode, raised before anything is sent).
         Writes never block on one client: the message is framed once, every socket is
-        written without waiting, and clients whose buffers
-        are full are served as they drain, together, for at most ``timeout`` seconds
+        written without waiting, and clients whose buffers are full are served as they
+        drain, together, for at most ``timeout`` seconds
         (default ``write_timeout``, else 10). A client still behind after that cannot
         take even a Close frame, so it is disconnected and logged. A frame never lands
         inside another: a client busy with a large reply gets the broadcast after it.
@@ -490,10 +494,3 @@ class Server:
         :mod:`wsroute_sync.wsgi`.
         """
         return WSGIApp(self, app, path=path)
-
-    # Called by connections (the ConnectionOwner interface).
-
-    def expect_close(self, connection: ServerConnection) -> None:
-        """Drop ``connection`` if its closing handshake is not over within close_timeout."""
-        if self.options.close_timeout is not None:
-            self._reaper.schedule(connection, self.options.close_timeout)
