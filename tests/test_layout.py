@@ -166,3 +166,30 @@ def test_only_connection_py_extends_a_connection() -> None:
                 if bases & {"Sender", "ServerConnection"}:
                     extending.append((path.name, node.name))
     assert extending == [("connection.py", "ServerConnection")]
+
+
+def _guide_map() -> List[str]:
+    """The modules of the guide's "How it is built" table, top row first."""
+    guide = (PACKAGE.parent / "docs" / "guide.md").read_text(encoding="utf-8")
+    section = guide.split("\n## How it is built\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [row.split("`")[1].removesuffix(".py") for row in rows]
+
+
+def test_the_guide_maps_every_module_in_import_order() -> None:
+    """Each module imports only modules below it in the guide's table, so the table is
+    the direction of the dependencies, and it names every module once."""
+    order = _guide_map()
+    modules = {p.stem for p in MODULES}
+    assert len(order) == len(set(order)), "a module is listed twice"
+    assert set(order) == modules, (
+        f"docs/guide.md's map lacks {sorted(modules - set(order))}, "
+        f"names {sorted(set(order) - modules)} that do not exist"
+    )
+    position = {name: i for i, name in enumerate(order)}
+    upward = []
+    for path in MODULES:
+        for dep in _local_imports(path) - {path.stem}:
+            if position[dep] <= position[path.stem]:
+                upward.append(f"{path.name} imports {dep}.py, listed above it")
+    assert not upward, upward
