@@ -24,7 +24,8 @@ from wsproto.events import Request, TextMessage  # noqa: E402
 from wsproto.extensions import PerMessageDeflate  # noqa: E402
 
 from wsroute_sync.http import parse_request_head  # noqa: E402
-from wsroute_sync.protocol import MessageStream, accept_upgrade  # noqa: E402
+from wsroute_sync.handshake import accept_upgrade  # noqa: E402
+from wsroute_sync.stream import MessageStream  # noqa: E402
 
 
 def per_message_us(compression: Optional[str], messages: int, payload: int) -> float:

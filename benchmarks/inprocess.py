@@ -37,7 +37,8 @@ from wsroute_sync import Server  # noqa: E402
 from wsroute_sync.connection import ServerConnection  # noqa: E402
 from wsroute_sync.http import parse_request_head  # noqa: E402
 from wsroute_sync.metrics import ConnectionMetrics  # noqa: E402
-from wsroute_sync.protocol import MessageStream, accept_upgrade  # noqa: E402
+from wsroute_sync.handshake import accept_upgrade  # noqa: E402
+from wsroute_sync.stream import MessageStream  # noqa: E402
 
 KEY = b"\x11\x22\x33\x44"
 REQUEST = json.dumps({"Route": "echo", "Params": {"message": "x" * 64}},

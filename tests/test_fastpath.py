@@ -20,14 +20,9 @@ from wsproto.events import BytesMessage, Request, TextMessage
 
 from rawclient import encode_frame
 from wsroute_sync.http import parse_request_head
-from wsroute_sync.protocol import (
-    CloseReceived,
-    MessageStream,
-    PingReceived,
-    PongReceived,
-    ProtocolFailure,
-    accept_upgrade,
-)
+from wsroute_sync.frames import CloseReceived, PingReceived, PongReceived, ProtocolFailure
+from wsroute_sync.handshake import accept_upgrade
+from wsroute_sync.stream import MessageStream
 
 
 def make_stream(fast: bool, max_size: Optional[int]) -> MessageStream:

@@ -33,7 +33,9 @@ from conftest import make_server, running
 from rawclient import OP_BINARY, OP_TEXT, RawClient
 
 from wsroute_sync.http import parse_request_head
-from wsroute_sync.protocol import MessageStream, ProtocolFailure, accept_upgrade
+from wsroute_sync.frames import ProtocolFailure
+from wsroute_sync.handshake import accept_upgrade
+from wsroute_sync.stream import MessageStream
 
 LIMIT = 256 * 1024
 #: What receiving may allocate besides two messages' worth, whatever the limit: payload

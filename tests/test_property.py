@@ -38,14 +38,9 @@ from wsroute_sync.context import Context
 from wsroute_sync.errors import HandlerError
 from wsroute_sync.http import parse_request_head
 from wsroute_sync.metrics import ConnectionMetrics
-from wsroute_sync.protocol import (
-    CloseReceived,
-    MessageStream,
-    PingReceived,
-    PongReceived,
-    ProtocolFailure,
-    accept_upgrade,
-)
+from wsroute_sync.frames import CloseReceived, PingReceived, PongReceived, ProtocolFailure
+from wsroute_sync.handshake import accept_upgrade
+from wsroute_sync.stream import MessageStream
 from wsroute_sync.routing import Dispatcher, EnvelopeError, encode_result, parse_request
 
 BOUNDED = settings(max_examples=200, deadline=None,

@@ -19,16 +19,14 @@ from wsproto.events import (
 
 from wsroute_sync import HandshakeRejected
 from wsroute_sync.http import BadRequest, Headers, HTTPRequest, parse_request_head
-from wsroute_sync.protocol import (
-    CloseReceived,
-    MessageStream,
-    PingReceived,
-    ProtocolFailure,
+from wsroute_sync.frames import CloseReceived, PingReceived, ProtocolFailure
+from wsroute_sync.handshake import (
     accept_upgrade,
     check_upgrade,
     default_origin_check,
     is_upgrade_request,
 )
+from wsroute_sync.stream import MessageStream
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

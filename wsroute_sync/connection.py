@@ -27,15 +27,15 @@ from .http import HTTPRequest
 from .limits import TokenBucket
 from .listen import UNKNOWN_TIMEOUT, timeval
 from .options import ServerOptions
-from .protocol import (
+from .frames import (
     CLOSE_INTERNAL_ERROR,
-    is_upgrade_request,
     CloseReceived,
     Message,
     PingReceived,
     PongReceived,
     ProtocolFailure,
 )
+from .handshake import is_upgrade_request
 from .routing import error_envelope
 from .sender import Progress, Sender
 from .upgrade import answer_and_close, negotiate

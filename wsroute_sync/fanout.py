@@ -1,7 +1,7 @@
 """Fan-out: one message to many connections — broadcast, rooms, ``send_to``, backplane
 delivery and the Close of a shutdown — through each connection's public, non-blocking send.
 
-A broadcast frames its message once (:class:`~wsroute_sync.protocol.PreparedMessage`),
+A broadcast frames its message once (:class:`~wsroute_sync.stream.PreparedMessage`),
 starts a non-blocking send on every target (:meth:`ServerConnection.try_send`: the
 connection decides, under its own lock, whether it can still take a data frame and in
 what order it goes out), then drives the sends that the sockets did not take at once,
@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Uni
 from .backplane import Backplane, BackplaneMessage
 from .connection import ServerConnection
 from .errors import ConnectionClosed
-from .protocol import Message, PreparedMessage
+from .frames import Message
+from .stream import PreparedMessage
 from .routing import as_message
 from .sender import Progress
 

@@ -38,8 +38,9 @@ from wsproto.utilities import LocalProtocolError
 
 from .errors import ConnectionClosed
 from .metrics import ConnectionMetrics
-from .protocol import Message, MessageStream, PreparedMessage
+from .frames import Message
 from .routing import as_message
+from .stream import MessageStream, PreparedMessage
 
 __all__ = ["Sender", "Progress"]
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from .errors import HandshakeRejected
 from .http import HTTPRequest
 from .options import ServerOptions
-from .protocol import MessageStream, accept_upgrade, check_upgrade, rejection_response
+from .handshake import accept_upgrade, check_upgrade, rejection_response
+from .stream import MessageStream
 
 __all__ = ["Upgrade", "negotiate", "answer_and_close"]
 
