@@ -21,7 +21,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 import pytest
 
 from conftest import TIMEOUT, ListHandler
-from wsroute_sync.admission import PendingHandshakes, default_max_pending
+from wsroute_sync.admission import PendingHandshakes
+from wsroute_sync.limits import default_max_pending
 from wsroute_sync.http import HTTPRequest, http_response
 
 HEAD = b"GET /chat?room=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\r\n"

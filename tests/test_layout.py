@@ -43,9 +43,6 @@ LONG_MODULES: Set[str] = {
     # The synchronous client is the user's side of the wire, read on its own: it
     # extends simple-websocket's Client and documents each call in full.
     "client.py",
-    # Being split in #16 follow-up.
-    "protocol.py",
-    "admission.py",
 }
 
 

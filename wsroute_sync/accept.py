@@ -15,7 +15,8 @@ import ssl
 import time
 from typing import Any, Callable, Optional, Union
 
-from .admission import PendingHandshakes, default_max_pending
+from .admission import PendingHandshakes
+from .limits import default_max_pending
 from .http import HTTPRequest
 from .listen import UNKNOWN_TIMEOUT, open_listener, prepare_listener
 from .options import ServerOptions

@@ -25,13 +25,9 @@ from typing import Any, Callable, List, Optional, Union
 
 from .http import BadRequest, HTTPRequest, check_request_start, find_head_end, http_response
 from .http import parse_request_head
+from .limits import MAX_LINGERING, WarningThrottle
 
-try:
-    import resource
-except ImportError:  # pragma: no cover - Windows: the package must still import
-    resource = None  # type: ignore[assignment]
-
-__all__ = ["PendingHandshakes", "OnHead", "default_max_pending"]
+__all__ = ["PendingHandshakes", "OnHead"]
 
 #: ``on_head(sock, remote_address, request, rest)``: a complete, parsed request head.
 OnHead = Callable[[socket.socket, Any, HTTPRequest, bytes], None]
@@ -41,69 +37,10 @@ _Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
 _HEAD_READ = 4096
 # A refused client gets this long to read our answer before the socket is closed...
 _LINGER_SECONDS = 2.0
-# ...and past this many lingering sockets the oldest is closed at once.
-_MAX_LINGERING = 512
 # A lingering client that keeps sending is cut off after this much (we only discard it).
 _DRAIN_LIMIT = 1 << 20
-# default_max_pending: descriptors kept for everything that is not a pending socket, a
-# lingering one or a connection (listener, wake-up pipe, selector, log files, a
-# backplane's connections, the application's own), and the bounds. The upper bound is
-# for memory: an idle pending socket costs ~400 bytes here and a few KiB in the kernel,
-# and a limit of a million descriptors is common in containers.
-_FD_RESERVE = 256
-_MIN_PENDING = 64
-_MAX_PENDING = 16384
-# At most one WARNING per kind and interval; the rest go to DEBUG and are counted, so
-# that a flood of junk connections cannot flood the logs too.
-_WARN_INTERVAL = 1.0
-
 # What a socket is waiting for.
 _TLS, _HEAD, _LINGER = 0, 1, 2
-
-
-def default_max_pending(max_connections: int) -> int:
-    """A generous bound on sockets waiting for their head, from the process's fd limit.
-
-    Pending sockets must not take the descriptors admitted connections need: this is
-    the soft ``RLIMIT_NOFILE`` less ``max_connections``, the refused sockets that may be
-    lingering (512) and a reserve of 256, clamped to 64..16384. With the oldest dropped
-    first, 16384 is plenty: to lock a client out an attacker must open that many
-    connections within the client's round trip, far more than one accept loop takes.
-    Where no limit can be read (Windows), 1024 descriptors are assumed.
-    """
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-        raise TypeError(f"max_connections must be an int, not {type(max_connections).__name__}")
-    soft = 1024
-    if resource is not None:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        soft = 1 << 30 if limit == resource.RLIM_INFINITY else limit
-    spare = soft - max_connections - _MAX_LINGERING - _FD_RESERVE
-    return max(_MIN_PENDING, min(_MAX_PENDING, spare))
-
-
-class _Throttled:
-    """One kind of WARNING, logged at most once per interval; the rest at DEBUG."""
-
-    __slots__ = ("_logger", "_clock", "_next", "_suppressed")
-
-    def __init__(self, logger: _Logger, clock: Callable[[], float]) -> None:
-        self._logger = logger
-        self._clock = clock
-        self._next = float("-inf")
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
-            self._logger.debug(msg, *args)
-            return
-        self._next = now + _WARN_INTERVAL
-        if self._suppressed:
-            msg += " (%d more like it since the last report)"
-            args += (self._suppressed,)
-            self._suppressed = 0
-        self._logger.warning(msg, *args)
 
 
 class _Waiting:
@@ -187,7 +124,7 @@ class PendingHandshakes:
         logger: Optional[_Logger] = None,
         clock: Callable[[], float] = time.monotonic,
         linger: float = _LINGER_SECONDS,
-        max_lingering: int = _MAX_LINGERING,
+        max_lingering: int = MAX_LINGERING,
     ) -> None:
         for name, value in (("max_header_size", max_header_size),
                             ("max_pending", max_pending), ("max_lingering", max_lingering)):
@@ -230,10 +167,10 @@ class PendingHandshakes:
         self.dropped = 0
         self.timed_out = 0
         self.refused = 0
-        self._warn_dropped = _Throttled(self._logger, clock)
-        self._warn_timeout = _Throttled(self._logger, clock)
-        self._warn_bad = _Throttled(self._logger, clock)
-        self._warn_tls = _Throttled(self._logger, clock)
+        self._warn_dropped = WarningThrottle(self._logger, clock)
+        self._warn_timeout = WarningThrottle(self._logger, clock)
+        self._warn_bad = WarningThrottle(self._logger, clock)
+        self._warn_tls = WarningThrottle(self._logger, clock)
 
     # The accept loop's interface.
 

@@ -1,5 +1,6 @@
-"""Per-client limits, sans-I/O: connections per client address, a message rate per
-connection, and which address a request counts under behind trusted proxies.
+"""Limits and budgets, sans-I/O: connections per client address, a message rate per
+connection, which address a request counts under behind trusted proxies, how many
+sockets may wait for their handshake, and how often a refusal may be logged.
 
 No sockets and no clocks here: the server asks, passing the time where it matters. The
 per-address counter takes a ``threading.Lock`` because connection threads release it.
@@ -9,11 +10,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import re
 import threading
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .http import HTTPRequest
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: the package must still import
+    resource = None  # type: ignore[assignment]
 
 __all__ = [
     "PerClientCounter",
@@ -22,8 +29,12 @@ __all__ = [
     "check_trusted_proxies",
     "check_client_ip_header",
     "LOCAL_CLIENT",
+    "MAX_LINGERING",
+    "default_max_pending",
+    "WarningThrottle",
 ]
 
+_Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 #: The key every unix-socket client counts under: they have no address of their own.
@@ -230,3 +241,63 @@ def client_address(request: HTTPRequest, peer: Any, *,
             return str(ip)
         fallback = str(ip)
     return fallback
+
+
+# Refused sockets lingering at once (admission); past it the oldest is closed at once.
+MAX_LINGERING = 512
+# default_max_pending: descriptors kept for everything that is not a pending socket, a
+# lingering one or a connection (listener, wake-up pipe, selector, log files, a
+# backplane's connections, the application's own), and the bounds. The upper bound is
+# for memory: an idle pending socket costs ~400 bytes here and a few KiB in the kernel,
+# and a limit of a million descriptors is common in containers.
+_FD_RESERVE = 256
+_MIN_PENDING = 64
+_MAX_PENDING = 16384
+# At most one WARNING per kind and interval; the rest go to DEBUG and are counted, so
+# that a flood of junk connections cannot flood the logs too.
+_WARN_INTERVAL = 1.0
+
+
+def default_max_pending(max_connections: int) -> int:
+    """A generous bound on sockets waiting for their head, from the process's fd limit.
+
+    Pending sockets must not take the descriptors admitted connections need: this is
+    the soft ``RLIMIT_NOFILE`` less ``max_connections``, the refused sockets that may be
+    lingering (512) and a reserve of 256, clamped to 64..16384. With the oldest dropped
+    first, 16384 is plenty: to lock a client out an attacker must open that many
+    connections within the client's round trip, far more than one accept loop takes.
+    Where no limit can be read (Windows), 1024 descriptors are assumed.
+    """
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise TypeError(f"max_connections must be an int, not {type(max_connections).__name__}")
+    soft = 1024
+    if resource is not None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 30 if limit == resource.RLIM_INFINITY else limit
+    spare = soft - max_connections - MAX_LINGERING - _FD_RESERVE
+    return max(_MIN_PENDING, min(_MAX_PENDING, spare))
+
+
+class WarningThrottle:
+    """One kind of WARNING, logged at most once per interval; the rest at DEBUG."""
+
+    __slots__ = ("_logger", "_clock", "_next", "_suppressed")
+
+    def __init__(self, logger: _Logger, clock: Callable[[], float]) -> None:
+        self._logger = logger
+        self._clock = clock
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            self._logger.debug(msg, *args)
+            return
+        self._next = now + _WARN_INTERVAL
+        if self._suppressed:
+            msg += " (%d more like it since the last report)"
+            args += (self._suppressed,)
+            self._suppressed = 0
+        self._logger.warning(msg, *args)
