@@ -29,6 +29,7 @@ from .frames import (
     PingReceived,
     PongReceived,
     ProtocolFailure,
+    unmask,
 )
 
 __all__ = ["MessageAssembler"]
@@ -39,8 +40,6 @@ _SIMPLE_CLOSE_CODES = {1000: CloseReason.NORMAL_CLOSURE, 1001: CloseReason.GOING
 # at most ~1032x): with WSROUTE_SYNC_PURE_WSPROTO, or a Connection that accept_upgrade
 # did not make. Otherwise MessageStream inflates, within the limit.
 _INFLATE_CHUNK = 1024
-_from_bytes = int.from_bytes
-_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
 # A data frame's payload is unmasked, inflated and checked as UTF-8 in steps of at most
 # this many bytes, so what a step allocates besides the message itself stays this small
 # (times four at most: the check decodes a step of text, up to 4 bytes a character).
@@ -161,11 +160,7 @@ class MessageAssembler:
         (reserved ranges, local-only codes), stay with wsproto.
         """
         if masked:
-            n = len(masked)
-            data = (
-                _from_bytes(masked, "little")
-                ^ _from_bytes((mask * ((n + 3) >> 2))[:n], "little")
-            ).to_bytes(n, "little")
+            data = unmask(masked, 0, len(masked), mask)
             code = _SIMPLE_CLOSE_CODES.get((data[0] << 8) | data[1])
             if code is None:
                 return None
@@ -224,19 +219,7 @@ class MessageAssembler:
         stop = pos + take
         while pos < stop:
             n = min(stop - pos, _STEP)
-            # RFC 6455 5.3: XOR with the key repeated.
-            if n <= INT_UNMASK_LIMIT:
-                chunk: Union[bytes, bytearray] = (
-                    _from_bytes(buf[pos:pos + n], "little")
-                    ^ _from_bytes((mask * ((n + 3) >> 2))[:n], "little")
-                ).to_bytes(n, "little")
-            else:
-                # Larger: each of the four byte lanes through a 256-byte table.
-                chunk = bytearray(memoryview(buf)[pos:pos + n])
-                chunk[0::4] = chunk[0::4].translate(_XOR_TABLES[mask[0]])
-                chunk[1::4] = chunk[1::4].translate(_XOR_TABLES[mask[1]])
-                chunk[2::4] = chunk[2::4].translate(_XOR_TABLES[mask[2]])
-                chunk[3::4] = chunk[3::4].translate(_XOR_TABLES[mask[3]])
+            chunk = unmask(buf, pos, pos + n, mask)
             pos += n
             failure = self._inflate(chunk) if self._compressed else self._add(chunk)
             if failure is not None:

@@ -1,8 +1,9 @@
-"""The WebSocket codec's shared pieces: what receiving yields, close codes, frames.
+"""The WebSocket codec's shared pieces: what receiving yields, close codes, unmasking, frames.
 
 What :class:`~wsroute_sync.stream.MessageStream` returns for the bytes it is fed (messages
-and control outcomes), the close codes the server sends, the unmasked data frame a
-server writes (RFC 6455 5.1, 5.2), and wsproto's server ``Connection`` as the handshake makes it. Sans-I/O.
+and control outcomes), the close codes the server sends, the one unmask helper every
+reader of a masked payload uses (RFC 6455 5.3), the unmasked data frame a server writes
+(5.1, 5.2), and wsproto's server ``Connection`` as the handshake makes it. Sans-I/O.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "FIN_BINARY",
     "FIN_CLOSE",
     "INT_UNMASK_LIMIT",
+    "unmask",
     "data_frame",
 ]
 
@@ -96,6 +98,32 @@ FIN_BINARY = 0x82
 FIN_CLOSE = 0x88
 # Integer XOR grows faster than linearly with size; past this, translate tables win.
 INT_UNMASK_LIMIT = 2048
+_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
+_from_bytes = int.from_bytes
+
+
+def unmask(data: Union[bytes, bytearray], start: int, stop: int, mask: Union[bytes, bytearray]
+           ) -> Union[bytes, bytearray]:
+    """``data[start:stop]`` XORed with the 4-byte masking key repeated (RFC 6455 5.3),
+    the key's first byte on ``data[start]``.
+
+    Up to :data:`INT_UNMASK_LIMIT` bytes, as one integer operation, the cheapest form for
+    a small payload (and ``bytes``); larger, each of the four byte lanes through a
+    256-byte table (a ``bytearray``). Positions instead of a slice: the large form copies
+    the payload once, not twice.
+    """
+    n = stop - start
+    if n <= INT_UNMASK_LIMIT:
+        return (
+            _from_bytes(data[start:stop], "little")
+            ^ _from_bytes((mask * ((n + 3) >> 2))[:n], "little")
+        ).to_bytes(n, "little")
+    chunk = bytearray(memoryview(data)[start:stop])
+    chunk[0::4] = chunk[0::4].translate(_XOR_TABLES[mask[0]])
+    chunk[1::4] = chunk[1::4].translate(_XOR_TABLES[mask[1]])
+    chunk[2::4] = chunk[2::4].translate(_XOR_TABLES[mask[2]])
+    chunk[3::4] = chunk[3::4].translate(_XOR_TABLES[mask[3]])
+    return chunk
 
 
 def data_frame(data: Message) -> bytes:

@@ -30,6 +30,7 @@ from .frames import (
     Outcome,
     ProtocolFailure,
     data_frame,
+    unmask,
 )
 
 __all__ = ["MessageStream", "PreparedMessage"]
@@ -121,11 +122,9 @@ class MessageStream(MessageAssembler):
                 else:
                     header = 0
                 if header and n == header + length and length <= self._whole_max:
-                    mask = data[header - 4:header]
-                    payload = (
-                        _from_bytes(data[header:], "little")
-                        ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
-                    ).to_bytes(length, "little")
+                    # Within INT_UNMASK_LIMIT (_whole_max): unmask's integer form, bytes.
+                    payload: bytes = unmask(  # type: ignore[assignment]
+                        data, header, n, data[header - 4:header])
                     if b0 == FIN_BINARY:
                         return [payload]
                     try:
@@ -238,13 +237,9 @@ class MessageStream(MessageAssembler):
                 and self.writable
             ):
                 if end - pos >= total:
-                    # RFC 6455 5.3: XOR with the key repeated; as one integer operation,
-                    # the cheapest form for a small payload.
-                    mask = buf[pos + header - 4:pos + header]
-                    payload = (
-                        _from_bytes(buf[pos + header:total + pos], "little")
-                        ^ _from_bytes((mask * ((length + 3) >> 2))[:length], "little")
-                    ).to_bytes(length, "little")
+                    # RFC 6455 5.3. Within INT_UNMASK_LIMIT: unmask's integer form, bytes.
+                    payload: bytes = unmask(  # type: ignore[assignment]
+                        buf, pos + header, pos + total, buf[pos + header - 4:pos + header])
                     if b0 == FIN_BINARY:
                         out.append(payload)
                         pos += total
