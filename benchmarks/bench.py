@@ -142,6 +142,8 @@ class Scenario:
     quick_conns: int  # smaller size for --quick, where it matters
     #: loadgen -source-addrs: connections spread over 127.0.0.1 .. 127.0.0.N
     source_addrs: int = 1
+    #: Load generator processes sharing the connections (each has the fd limit).
+    loadgen_processes: int = 1
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -161,6 +163,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "fanout10k", "fan-out: a 64 B broadcast every 20 ms to 10,000 clients", "fanout",
         10000, 64, 1000, source_addrs=4,
+    ),
+    Scenario(
+        "scale", "scale: 19,000 connections held by one server process, each answered once",
+        "hold", 19000, 64, 2000, source_addrs=4, loadgen_processes=2,
     ),
 )
 
@@ -496,57 +502,135 @@ def run_loadgen(
     settle_s: float = 1.0,
 ) -> LoadgenOutcome:
     """Run the load generator once, sampling the server at its EVENT lines."""
-    cmd = _taskset(cpus) + [str(loadgen), "-addr", f"127.0.0.1:{server.port}"] + args
-    err_path = log_dir / f"loadgen-{time.monotonic_ns()}.log"
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            start_new_session=True,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        assert proc.stdout is not None and proc.stdin is not None
-        threading.Thread(target=_pump_lines, args=(proc.stdout, lines), daemon=True).start()
-        start = end = held = None
-        result: dict[str, Any] | None = None
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RunError(f"load generator still running after {timeout_s:.0f}s")
-                try:
-                    line = lines.get(timeout=remaining)
-                except queue.Empty:
-                    continue
-                if line is None:
-                    break
-                if line == "EVENT window_start":
+    return run_loadgens(loadgen, server, [args], cpus, timeout_s, log_dir, baseline, settle_s)
+
+
+def run_loadgens(
+    loadgen: Path,
+    server: ServerProcess,
+    arg_lists: list[list[str]],
+    cpus: str | None,
+    timeout_s: float,
+    log_dir: Path,
+    baseline: ProcSample | None = None,
+    settle_s: float = 1.0,
+) -> LoadgenOutcome:
+    """Run one load generator process per argument list, at once, sampling the server
+    at their EVENT lines: the window opens with the first process's and closes with the
+    last one's; the held connections are measured once every process holds its own.
+
+    More than one process is for more connections than one process's fd limit allows
+    (the ``scale`` scenario); their results are merged (:func:`merge_results`).
+    """
+    n = len(arg_lists)
+    lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
+    procs: list[subprocess.Popen[str]] = []
+    err_paths: list[Path] = []
+    start = end = held = None
+    results: dict[int, dict[str, Any]] = {}
+    opened: set[int] = set()
+    closed: set[int] = set()
+    holding: set[int] = set()
+    finished = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        for i, args in enumerate(arg_lists):
+            cmd = _taskset(cpus) + [str(loadgen), "-addr", f"127.0.0.1:{server.port}"] + args
+            err_paths.append(log_dir / f"loadgen-{time.monotonic_ns()}-{i}.log")
+            with open(err_paths[-1], "w") as err:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    start_new_session=True,
+                )
+            procs.append(proc)
+            assert proc.stdout is not None
+            threading.Thread(
+                target=_pump_tagged, args=(i, proc.stdout, lines), daemon=True
+            ).start()
+        while finished < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunError(f"load generator still running after {timeout_s:.0f}s")
+            try:
+                i, line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                finished += 1
+            elif line == "EVENT window_start":
+                if not opened:
                     start = sample_proc(server.pid)
-                elif line == "EVENT window_end":
+                opened.add(i)
+            elif line == "EVENT window_end":
+                closed.add(i)
+                if len(closed) == n:
                     end = sample_proc(server.pid)
-                elif line.startswith("EVENT holding"):
+            elif line.startswith("EVENT holding"):
+                holding.add(i)
+                if len(holding) == n:
                     # Let freed handshake buffers and thread start-up settle,
                     # then read what the open connections cost at rest.
                     time.sleep(settle_s)
                     held = sample_proc(server.pid)
-                    proc.stdin.write("release\n")
-                    proc.stdin.flush()
-                elif line.startswith("RESULT "):
-                    result = json.loads(line[len("RESULT ") :])
+                    for proc in procs:
+                        assert proc.stdin is not None
+                        proc.stdin.write("release\n")
+                        proc.stdin.flush()
+            elif line.startswith("RESULT "):
+                results[i] = json.loads(line[len("RESULT ") :])
+        for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except (RunError, subprocess.TimeoutExpired) as exc:
-            raise RunError(f"{exc}; loadgen stderr: {_tail(err_path)}") from exc
-        finally:
+    except (RunError, subprocess.TimeoutExpired) as exc:
+        tails = "; ".join(_tail(p) for p in err_paths)
+        raise RunError(f"{exc}; loadgen stderr: {tails}") from exc
+    finally:
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-    if proc.returncode != 0 or result is None:
-        raise RunError(f"load generator exited with {proc.returncode}: {_tail(err_path)}")
-    return LoadgenOutcome(result, (start, end), baseline, held, _tail(err_path))
+    tails = "\n".join(_tail(p) for p in err_paths)
+    for i, proc in enumerate(procs):
+        if proc.returncode != 0 or i not in results:
+            raise RunError(f"load generator exited with {proc.returncode}: {tails}")
+    result = results[0] if n == 1 else merge_results([results[i] for i in range(n)])
+    return LoadgenOutcome(result, (start, end), baseline, held, tails)
+
+
+def _pump_tagged(tag: int, stream: IO[str], sink: queue.Queue[tuple[int, str | None]]) -> None:
+    for line in stream:
+        sink.put((tag, line.rstrip("\n")))
+    sink.put((tag, None))
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from load generator processes that ran at once.
+
+    Counts, errors, CPU and held connections add up; times are the longest process's;
+    percentiles are the worst process's (each process's are exact, their mix is not
+    kept), so merged latencies err on the slow side.
+    """
+    out = dict(parts[0])
+    for key in ("count", "loadgen_cpu_s", "error_total", "close_clean", "close_unclean",
+                "close_slow", "held", "conns"):  # fmt: skip
+        out[key] = sum(p.get(key, 0) for p in parts)
+    for key in ("window_s", "connect_s", "answer_s", "p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        out[key] = max(p.get(key, 0) for p in parts)
+    errors: dict[str, int] = {}
+    for p in parts:
+        for kind, count in p["errors"].items():
+            errors[kind] = errors.get(kind, 0) + count
+    out["errors"] = errors
+    window = out["window_s"] or 1e-9
+    out["rate"] = out["count"] / window
+    out["loadgen_cpu_share"] = out["loadgen_cpu_s"] / window
+    if out.get("connect_s"):
+        out["connect_rate"] = out["held"] / out["connect_s"]
+    out["processes"] = len(parts)
+    return out
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -576,6 +660,10 @@ def scenario_conns(scenario: Scenario, settings: Settings) -> int:
 
 
 def loadgen_args(scenario: Scenario, spec: ServerSpec, settings: Settings, conns: int) -> list[str]:
+    # Processes sharing a scenario share its handshakes in flight too (servers bound
+    # the sockets waiting for a request head: wsroute_sync's max_pending_handshakes
+    # is 64, like this default).
+    dial_concurrency = max(1, settings.dial_concurrency // scenario.loadgen_processes)
     args = [
         "-proto", spec.proto,
         "-mode", scenario.mode,
@@ -584,7 +672,7 @@ def loadgen_args(scenario: Scenario, spec: ServerSpec, settings: Settings, conns
         "-warmup", f"{settings.warmup}s",
         "-duration", f"{settings.duration}s",
         "-io-timeout", f"{settings.io_timeout}s",
-        "-dial-concurrency", str(settings.dial_concurrency),
+        "-dial-concurrency", str(dial_concurrency),
         "-request-concurrency", str(settings.request_concurrency),
         "-source-addrs", str(scenario.source_addrs),
     ]  # fmt: skip
@@ -628,10 +716,13 @@ def run_one(
             timeout = 120 + conns * 0.05 + settings.warmup + settings.duration  # 10k: ~10 min
         else:
             timeout = settings.warmup + settings.duration + 90
-        outcome = run_loadgen(
+        # The connections, split over the load generator processes.
+        procs = scenario.loadgen_processes
+        shares = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
+        outcome = run_loadgens(
             loadgen,
             server,
-            loadgen_args(scenario, spec, settings, conns),
+            [loadgen_args(scenario, spec, settings, share) for share in shares],
             loadgen_cpus,
             timeout,
             log_dir,
