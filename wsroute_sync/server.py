@@ -21,17 +21,17 @@ from .accept import Acceptor
 from .backplane import Backplane
 from .connection import ServerConnection
 from .context import Context
+from .fanout import FanOut, close_all
+from .frames import CLOSE_GOING_AWAY, Message
 from .http import HTTPRequest, http_response
+from .listen import UNKNOWN_TIMEOUT, url_for
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
-from .protocol import CLOSE_GOING_AWAY, Message
-from .fanout import FanOut, close_all
-from .listen import UNKNOWN_TIMEOUT, url_for
+from .pages import HTTPHandler, Pages
 from .pool import ThreadPool
 from .reaper import Reaper
-from .roster import Roster
-from .pages import HTTPHandler, Pages
 from .registry import Routes
+from .roster import Roster
 from .routing import Dispatcher, Handler
 from .upgrade import answer_and_close
 from .wsgi import WSGIApp, WSGIApplication

@@ -2,7 +2,7 @@
 server's options and hooks (the 101 and a message stream, or a refusal), and how a
 client we will not serve is answered.
 
-The protocol's rules are :mod:`wsroute_sync.protocol`'s; this module adds the server's
+The protocol's rules are :mod:`wsroute_sync.handshake`'s; this module adds the server's
 policy (paths, origins, subprotocols, compression) and runs the user's hooks
 (``check_origin``, ``authenticate``), whose failures are logged and refused with 500.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .errors import HandshakeRejected
 from .http import HTTPRequest
-from .options import ServerOptions
 from .handshake import accept_upgrade, check_upgrade, rejection_response
+from .options import ServerOptions
 from .stream import MessageStream
 
 __all__ = ["Upgrade", "negotiate", "answer_and_close"]
