@@ -123,7 +123,8 @@ class Roster:
         with self._lock:
             return self._live.get(connection_id)
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """How many connections are live."""
         with self._lock:
             return len(self._live)
 

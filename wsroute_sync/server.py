@@ -212,7 +212,7 @@ class Server:
 
     @property
     def active_connections(self) -> int:
-        return len(self._roster)
+        return self._roster.count()
 
     def broadcast(
         self,
