@@ -7,12 +7,14 @@ What bench.py cannot separate: how much of a round trip or a connection is our P
 as opposed to system calls, the GIL and the scheduler. Rows:
 
 * ``receive``, ``dispatch``, ``send``: one 64-byte echo request through
-  ``MessageStream.receive``, the routed ``Dispatcher`` and ``MessageStream.send``;
-* ``serve loop``: ``ServerConnection._serve`` on a fake socket whose ``recv`` returns
-  one request frame and whose ``sendall`` drops the reply: the whole per-message path;
+  ``MessageStream.receive``, a ``Dispatcher`` (envelope parsing, lookup, the handler,
+  the reply; a bare ``ctx``) and ``MessageStream.send``;
+* ``serve loop``: ``Server.serve_socket`` on a fake socket whose ``recv`` returns one
+  request frame per call and whose ``send`` drops the reply: the whole per-message
+  path (the one handshake is spread over 20,000 messages);
 * ``connection``: one connection's whole server-side life on a real loopback socket,
-  run synchronously (handshake, one request, the closing handshake), minus the same
-  client-side work without a server;
+  run synchronously by ``Server.serve_socket`` (handshake, one request, the closing
+  handshake), minus the same client-side work without a server;
 * ``raw-tcp json``: the JSON work the raw-TCP peer does per request (loads + dumps),
   for scale.
 
@@ -22,6 +24,7 @@ Numbers are per item, best of five batches. A script with fixed inputs, not a te
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import sys
 import time
@@ -34,9 +37,9 @@ from wsproto import ConnectionType, WSConnection  # noqa: E402
 from wsproto.events import Request  # noqa: E402
 
 from wsroute_sync import Server  # noqa: E402
-from wsroute_sync.connection import ServerConnection  # noqa: E402
 from wsroute_sync.http import parse_request_head  # noqa: E402
 from wsroute_sync.metrics import ConnectionMetrics  # noqa: E402
+from wsroute_sync.routing import Dispatcher, resolve_handler  # noqa: E402
 from wsroute_sync.handshake import accept_upgrade  # noqa: E402
 from wsroute_sync.stream import MessageStream  # noqa: E402
 
@@ -87,7 +90,8 @@ class _Conn:
 
 
 class _FakeSocket:
-    """recv() and recv_into() return the request frame ``n`` times, then end of stream."""
+    """recv() and recv_into() return the request frame ``n`` times, then end of stream;
+    what is sent is counted and dropped; the rest does nothing."""
 
     family = socket.AF_INET
 
@@ -95,34 +99,37 @@ class _FakeSocket:
         self.n = n
         self.sent = 0
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0) -> bytes:
         if self.n:
             self.n -= 1
             return FRAME
         return b""
 
-    def recv_into(self, buffer: bytearray) -> int:
+    def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0) -> int:
         data = self.recv(len(buffer))
         buffer[:len(data)] = data
         return len(data)
 
-    def sendall(self, data: bytes) -> None:
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.sent += 1
+        return len(data)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
         self.sent += 1
 
-    def settimeout(self, value: Any) -> None:
-        pass
+    def fileno(self) -> int:
+        return -1
 
-    def setsockopt(self, *args: Any) -> None:
-        pass
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        # settimeout, setsockopt, setblocking, shutdown, close...: nothing to do.
+        return lambda *args, **kwargs: None
 
 
 def serve_loop(server: Server, n: int) -> None:
     sock = _FakeSocket(n)
-    connection = ServerConnection(server, sock, ("127.0.0.1", 1), "x-1")  # type: ignore[arg-type]
-    connection._stream = new_stream()
-    connection._pending = None  # type: ignore[attr-defined]
-    connection._serve()
-    if sock.sent != n:
+    request = parse_request_head(CLIENT_HEAD, ("127.0.0.1", 1))
+    server.serve_socket(sock, ("127.0.0.1", 1), request)  # type: ignore[arg-type]
+    if sock.sent < n:  # the 101 and the n replies (the Close may be counted too)
         raise SystemExit(f"serve loop answered {sock.sent} of {n} requests")
 
 
@@ -135,22 +142,24 @@ def connection_costs(server: Server, n: int) -> float:
         b"Upgrade: websocket\r\n\r\n" % port
     )
     data = head + FRAME + masked(8, (1000).to_bytes(2, "big"))
-    ids = iter(range(10**9))
 
     def with_server() -> None:
         client = socket.create_connection(("127.0.0.1", port))
         sock, addr = listener.accept()
         client.sendall(data)
-        connection = ServerConnection(server, sock, addr, f"x-{next(ids)}")
-        server._connections[connection.id] = connection
-        server._slots.acquire()
-        connection.run()
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        end = received.index(b"\r\n\r\n") + 4
+        request = parse_request_head(received[:end], addr)
+        server.serve_socket(sock, addr, request, rest=received[end:])
         client.close()
 
     def without_server() -> None:
         client = socket.create_connection(("127.0.0.1", port))
         sock, _ = listener.accept()
         client.sendall(data)
+        sock.recv(4096)
         sock.close()
         client.close()
 
@@ -160,15 +169,21 @@ def connection_costs(server: Server, n: int) -> float:
         listener.close()
 
 
+def echo_dispatcher() -> Dispatcher:
+    routes = {"echo": resolve_handler(lambda ctx, message: message)}
+    return Dispatcher(routes.get, lambda route, params, connection, deadline: connection,
+                      logger=logging.getLogger("inprocess"), handler_timeout=None)
+
+
 def main() -> None:
     server = make_server()
-    handle = server._message_handler
+    handle = echo_dispatcher().dispatch
     stream = new_stream()
     conn = _Conn()
     text = REQUEST.decode()
     rows = [
         ("receive", best_of(lambda: stream.receive(FRAME), 40_000)),
-        ("dispatch", best_of(lambda: handle(conn, text), 40_000)),  # type: ignore[arg-type]
+        ("dispatch", best_of(lambda: handle(conn, text), 40_000)),
         ("send", best_of(lambda: stream.send(text), 40_000)),
         ("serve loop", best_of(lambda: serve_loop(server, 20_000), 1, per=20_000)),
         ("connection", connection_costs(server, 2_000)),
