@@ -9,6 +9,7 @@ import os
 import ssl
 import threading
 import time
+import tracemalloc
 from typing import Any, Callable, Iterator, List, Set, Tuple
 
 import pytest
@@ -122,10 +123,25 @@ def tls() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     return server_ctx, client_ctx
+
+
+@contextlib.contextmanager
+def allocation_peak() -> Iterator[List[int]]:
+    """The peak of Python allocations (all threads) inside the block, above its start,
+    appended to the yielded list when the block ends."""
+    result: List[int] = []
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        yield result
+        result.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
 
 
 @contextlib.contextmanager

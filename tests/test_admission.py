@@ -120,18 +120,6 @@ def harness_factory() -> Iterator[Any]:
         harness.close()
 
 
-@pytest.fixture(scope="module")
-def tls_contexts() -> Tuple[ssl.SSLContext, ssl.SSLContext]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    return server_ctx, client_ctx
-
-
 def connect(address: Any) -> socket.socket:
     sock = socket.create_connection(address, timeout=TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -248,33 +236,33 @@ def test_on_head_failing_is_logged_and_the_socket_closed(harness_factory: Any) -
         logger.removeHandler(handler)
 
 
-def test_tls_handshake_then_head(harness_factory: Any, tls_contexts: Any) -> None:
-    server_ctx, client_ctx = tls_contexts
+def test_tls_handshake_then_head(harness_factory: Any, tls: Any) -> None:
+    server_ctx, client_ctx = tls
     harness = harness_factory(ssl_context=server_ctx)
-    with client_ctx.wrap_socket(connect(harness.address), server_hostname="127.0.0.1") as tls:
-        tls.sendall(HEAD + b"after")
+    with client_ctx.wrap_socket(connect(harness.address), server_hostname="127.0.0.1") as conn:
+        conn.sendall(HEAD + b"after")
         request, rest, is_tls, timeout = harness.heads.get(timeout=TIMEOUT)
         assert request.path == "/chat" and rest == b"after"
         assert is_tls and timeout == 0.0
-        assert read_to_eof(tls).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert read_to_eof(conn).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_tls_head_larger_than_one_read_is_not_stranded(harness_factory: Any,
-                                                       tls_contexts: Any) -> None:
+                                                       tls: Any) -> None:
     # One TLS record carries up to 16 KiB; the head is read 4 KiB at a time, so most of
     # it waits inside the TLS object, where no selector sees it.
-    server_ctx, client_ctx = tls_contexts
+    server_ctx, client_ctx = tls
     harness = harness_factory(ssl_context=server_ctx)
     big = HEAD[:-2] + b"X-Pad: " + b"p" * 12000 + b"\r\n\r\n"
-    with client_ctx.wrap_socket(connect(harness.address), server_hostname="127.0.0.1") as tls:
-        tls.sendall(big)
+    with client_ctx.wrap_socket(connect(harness.address), server_hostname="127.0.0.1") as conn:
+        conn.sendall(big)
         request, _, _, _ = harness.heads.get(timeout=TIMEOUT)
         assert len(request.headers["x-pad"]) == 12000
 
 
 def test_tls_client_that_never_says_hello_is_closed(harness_factory: Any,
-                                                    tls_contexts: Any) -> None:
-    server_ctx, _ = tls_contexts
+                                                    tls: Any) -> None:
+    server_ctx, _ = tls
     harness = harness_factory(ssl_context=server_ctx, handshake_timeout=0.3)
     with connect(harness.address) as client:
         started = time.monotonic()
@@ -283,8 +271,8 @@ def test_tls_client_that_never_says_hello_is_closed(harness_factory: Any,
 
 
 def test_plain_http_on_a_tls_port_fails_the_handshake(harness_factory: Any,
-                                                      tls_contexts: Any) -> None:
-    server_ctx, _ = tls_contexts
+                                                      tls: Any) -> None:
+    server_ctx, _ = tls
     harness = harness_factory(ssl_context=server_ctx)
     with connect(harness.address) as client:
         client.sendall(HEAD)

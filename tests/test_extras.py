@@ -197,20 +197,8 @@ def test_a_slow_client_is_dropped_and_does_not_stall_the_others() -> None:
         assert any("too slow to take a broadcast" in m for m in handler.messages(logging.WARNING))
 
 
-@pytest.fixture(scope="module")
-def tls_contexts() -> Any:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    return server_ctx, client_ctx
-
-
-def test_wss_with_a_self_signed_certificate(tls_contexts: Any) -> None:
-    server_ctx, client_ctx = tls_contexts
+def test_wss_with_a_self_signed_certificate(tls: Any) -> None:
+    server_ctx, client_ctx = tls
     srv = make_server()
     srv.start("127.0.0.1:0", ssl_context=server_ctx)
     try:
@@ -229,8 +217,8 @@ def test_wss_with_a_self_signed_certificate(tls_contexts: Any) -> None:
         srv.close(timeout=TIMEOUT)
 
 
-def test_server_close_reaches_tls_clients(tls_contexts: Any) -> None:
-    server_ctx, client_ctx = tls_contexts
+def test_server_close_reaches_tls_clients(tls: Any) -> None:
+    server_ctx, client_ctx = tls
     srv = make_server()
     srv.start("127.0.0.1:0", ssl_context=server_ctx)
     with connect(srv.url, ssl=client_ctx) as ws:

@@ -24,7 +24,6 @@ import ssl
 import struct
 import threading
 import time
-import tracemalloc
 import zlib
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -32,7 +31,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed as WSClosed
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import TIMEOUT, ListHandler, _wait_for, make_server, running
+from conftest import TIMEOUT, ListHandler, _wait_for, allocation_peak, make_server, running
 from rawclient import (
     OP_BINARY,
     OP_CLOSE,
@@ -216,20 +215,6 @@ def _timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
     start = time.monotonic()
     result = fn()
     return result, time.monotonic() - start
-
-
-@contextlib.contextmanager
-def allocation_peak() -> Iterator[List[int]]:
-    """The peak of Python allocations (all threads) made inside the block, in bytes."""
-    result: List[int] = []
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        yield result
-        result.append(tracemalloc.get_traced_memory()[1] - base)
-    finally:
-        tracemalloc.stop()
 
 
 # 1. Not a WebSocket handshake, or a broken one: a specific HTTP answer.

@@ -15,12 +15,10 @@ about 125 bytes: 0.5 to 1 MiB on top of the message).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import struct
 import sys
-import tracemalloc
 import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +27,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
 
-from conftest import make_server, running
+from conftest import allocation_peak, make_server, running
 from rawclient import OP_BINARY, OP_TEXT, RawClient
 
 from wsroute_sync.http import parse_request_head
@@ -121,20 +119,6 @@ def new_stream(limit: Optional[int] = LIMIT, deflate: bool = False) -> MessageSt
     client.receive_data(response)
     assert isinstance(next(client.events()), AcceptConnection)
     return MessageStream(ws, max_message_size=limit, extensions=negotiated)
-
-
-@contextlib.contextmanager
-def allocation_peak() -> Iterator[List[int]]:
-    """The peak of Python allocations (all threads) inside the block, above its start."""
-    result: List[int] = []
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        yield result
-        result.append(tracemalloc.get_traced_memory()[1] - base)
-    finally:
-        tracemalloc.stop()
 
 
 def feed(stream: MessageStream, pieces: Sequence[bytes]) -> List[object]:
