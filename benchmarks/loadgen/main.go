@@ -1225,29 +1225,15 @@ func (c *controlConn) close(errs *errorCounter, res *result) {
 // as its handshake is done.
 func dialFanout(cfg *config, errs *errorCounter, readers *fanoutReaders) []*fanConn {
 	fcs := make([]*fanConn, cfg.conns)
-	sem := make(chan struct{}, cfg.dialConcurrency)
-	var wg sync.WaitGroup
-	for i := 0; i < cfg.conns; i++ {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			defer func() { <-sem }()
-			c, err := dial(cfg)
-			if err != nil {
-				errs.add("connect", err)
-				return
-			}
-			fc, err := readers.add(i%len(readers.epfds), c.(*wsClient))
-			if err != nil {
-				errs.add("epoll", err)
-				c.abort()
-				return
-			}
-			fcs[i] = fc
-		}(i)
-	}
-	wg.Wait()
+	dialEach(cfg, errs, func(i int, c client) {
+		fc, err := readers.add(i%len(readers.epfds), c.(*wsClient))
+		if err != nil {
+			errs.add("epoll", err)
+			c.abort()
+			return
+		}
+		fcs[i] = fc
+	})
 	out := fcs[:0]
 	for _, fc := range fcs {
 		if fc != nil {
@@ -1379,6 +1365,20 @@ func runFanout(cfg *config, errs *errorCounter, res *result) {
 // first ones may wait a long time for the rest.
 func dialAll(cfg *config, errs *errorCounter, held bool) []client {
 	clients := make([]client, cfg.conns)
+	dialEach(cfg, errs, func(i int, c client) {
+		if held {
+			c.startReader()
+		}
+		clients[i] = c
+	})
+	return clients
+}
+
+// dialEach opens cfg.conns connections, at most -dial-concurrency handshakes in
+// flight, and calls opened(i, c) for each one that opened (from its dialing
+// goroutine, so opened must only touch slot i of shared state); failures are
+// counted as "connect" errors. It returns once every dial has ended.
+func dialEach(cfg *config, errs *errorCounter, opened func(i int, c client)) {
 	sem := make(chan struct{}, cfg.dialConcurrency)
 	var wg sync.WaitGroup
 	for i := 0; i < cfg.conns; i++ {
@@ -1392,14 +1392,10 @@ func dialAll(cfg *config, errs *errorCounter, held bool) []client {
 				errs.add("connect", err)
 				return
 			}
-			if held {
-				c.startReader()
-			}
-			clients[i] = c
+			opened(i, c)
 		}(i)
 	}
 	wg.Wait()
-	return clients
 }
 
 // closeAll performs close handshakes after the measurement (not timed), with
