@@ -84,6 +84,9 @@ class ServerSpec:
     #: A Go server: (source, binary) built like the load generator, run instead of
     #: servers/<key>.py.
     go_build: tuple[Path, Path] | None = None
+    #: A copy of the package at another git revision (``--baseline``): run
+    #: servers/wsroute-sync.py against it instead of this working tree.
+    tree: Path | None = None
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -401,7 +404,11 @@ class ServerProcess:
         if spec.go_build is not None:
             program = [str(spec.go_build[1])]
         else:
-            program = [sys.executable, "-u", str(HERE / "servers" / f"{spec.key}.py")]
+            script = OURS if spec.tree is not None else spec.key
+            program = [sys.executable, "-u", str(HERE / "servers" / f"{script}.py")]
+        env = None
+        if spec.tree is not None:
+            env = dict(os.environ, WSROUTE_SYNC_TREE=str(spec.tree))
         cmd = _taskset(cpus) + program + ["--port", "0"]
         # start_new_session: the whole group can be killed on the way out,
         # and Ctrl-C at the terminal reaches only bench.py, which then cleans up.
@@ -412,6 +419,7 @@ class ServerProcess:
             stderr=self._log,
             text=True,
             cwd=REPO,
+            env=env,
             start_new_session=True,
         )
         self.pid = self.proc.pid  # taskset execs the server, so this is the server
@@ -1121,6 +1129,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(s.key for s in SCENARIOS),
         help="comma list of " + ", ".join(s.key for s in SCENARIOS),
     )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also run ours at git revision REV (a commit, tag or branch), as a peer named "
+        "wsroute-sync@REV: an A/B of two versions in the same run; may be repeated",
+    )
     p.add_argument("--placements", default="unpinned,pinned", help="comma list of unpinned, pinned")
     p.add_argument(
         "--io-timeout",
@@ -1172,6 +1188,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or args.io_timeout <= 0:
         p.error("--duration and --io-timeout must be > 0, --warmup >= 0, --rounds >= 1")
     args.servers = parse_list(args.servers, [s.key for s in SERVERS], "server")
+    args.servers += [f"{OURS}@{rev}" for rev in args.baseline]
     args.scenarios = parse_list(args.scenarios, [s.key for s in SCENARIOS], "scenario")
     args.placements = parse_list(args.placements, list(PLACEMENTS), "placement")
     return args
@@ -1355,6 +1372,38 @@ def describe(rec: dict[str, Any], scenario: Scenario) -> str:
     return text
 
 
+def add_baselines(revisions: Sequence[str], into: Path) -> None:
+    """Extract the package at each revision into ``into`` and add it as a peer.
+
+    ``git archive`` of committed files only: the copy cannot pick up this working
+    tree's uncommitted edits, and the repository's worktree list is left alone.
+    """
+    global SERVERS
+    for rev in revisions:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "--verify", rev + "^{commit}"],
+            check=False, capture_output=True, text=True, timeout=30,
+        )
+        if commit.returncode != 0:
+            raise SystemExit(f"bench: --baseline {rev}: not a commit: {commit.stderr.strip()}")
+        tree = into / commit.stdout.strip()
+        tree.mkdir()
+        archive = subprocess.Popen(
+            ["git", "-C", str(REPO), "archive", rev, "wsroute_sync"], stdout=subprocess.PIPE
+        )
+        subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True,
+                       timeout=60)
+        if archive.wait(timeout=60) != 0:
+            raise SystemExit(f"bench: --baseline {rev}: git archive failed")
+        SERVERS += (
+            ServerSpec(
+                f"{OURS}@{rev}", f"wsroute_sync @ {commit.stdout.strip()}", "ws",
+                f"ours at {rev}, for an A/B in the same run", default=False, fanout=True,
+                tree=tree,
+            ),
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1366,6 +1415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         raise SystemExit("bench: the pinned placement needs taskset (util-linux) and 2 CPUs")
     loadgen = ensure_loadgen()
+    baseline_dir = Path(tempfile.mkdtemp(prefix="wsroute-baseline-"))
+    add_baselines(args.baseline, baseline_dir)
     for spec in SERVERS:
         if spec.key in args.servers and spec.go_build is not None:
             ensure_go_binary(*spec.go_build)
@@ -1408,6 +1459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["wall_s"] = time.monotonic() - wall0
         out = write_results(args, meta, session)
         shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(baseline_dir, ignore_errors=True)
     print(f"\nbench: wall time {meta['wall_s']:.0f}s; results in {out}")
     for key, why in session.skipped.items():
         print(f"bench: skipped {key}: {why}")

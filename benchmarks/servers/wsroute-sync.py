@@ -8,6 +8,7 @@ public ``server.broadcast(message)`` once per tick.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -18,8 +19,9 @@ from typing import Any
 from _common import Ticker, free_port, parse_args, prepare_process, ready
 
 # Benchmark the checkout this file lives in, not whatever copy happens to be
-# installed in site-packages.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# installed in site-packages; or, for bench.py --baseline, the copy of another
+# revision it names.
+sys.path.insert(0, os.environ.get("WSROUTE_SYNC_TREE") or str(Path(__file__).resolve().parents[2]))
 
 #: Exit status that tells bench.py "cannot run here", as opposed to a crash.
 EXIT_SKIP = 3
