@@ -132,8 +132,22 @@ def test_help_lists_every_command_and_option() -> None:
                             capture_output=True, text=True, timeout=TIMEOUT * 2)
     assert result.returncode == 0
     for option in ("--host", "--port", "--max-connections", "--max-message-size",
-                   "--compression", "--allowed-origin", "--log-json", "--log-level"):
+                   "--compression", "--allowed-origin", "--log-json", "--log-level",
+                   "--cpu-affinity"):
         assert option in result.stdout
+
+
+def test_cpu_affinity_option_takes_one_or_cpu_numbers() -> None:
+    from wsroute_sync.cli import _server_options
+
+    parser = build_parser()
+    assert _server_options(parser.parse_args(["echo", "--cpu-affinity", "one"])) == {
+        "cpu_affinity": "one"}
+    assert _server_options(parser.parse_args(["echo", "--cpu-affinity", "0,1"])) == {
+        "cpu_affinity": frozenset({0, 1})}
+    assert "cpu_affinity" not in _server_options(parser.parse_args(["echo"]))
+    with pytest.raises(SystemExit, match="--cpu-affinity takes 'one' or CPU numbers"):
+        _server_options(parser.parse_args(["echo", "--cpu-affinity", "two"]))
 
 
 def test_bad_options_exit_with_usage_error() -> None:

@@ -271,3 +271,98 @@ def test_connection_threads_follow_the_servers_thread_policy(policy: Any) -> Non
             got = json.loads(ws.recv(timeout=TIMEOUT))["policy"]
     assert got == (mine if policy is None else os.SCHED_BATCH)
     assert os.sched_getscheduler(0) == mine
+
+
+# cpu_affinity: the server's threads bound to CPUs.
+
+needs_affinity = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this system"
+)
+
+
+def test_cpu_affinity_values_are_checked() -> None:
+    assert Server().options.cpu_affinity is None
+    assert Server(cpu_affinity="one").options.cpu_affinity == "one"
+    assert Server(cpu_affinity=[0, 0]).options.cpu_affinity == frozenset({0})
+    for bad in ("two", "", [], [-1], [True], [1.0], b"one"):
+        with pytest.raises(ValueError, match="cpu_affinity"):
+            Server(cpu_affinity=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cpu_affinity"):
+        Server(cpu_affinity=3)  # type: ignore[arg-type]
+
+
+@needs_affinity
+def test_cpu_affinity_naming_no_usable_cpu_is_refused() -> None:
+    unusable = max(os.sched_getaffinity(0)) + 4096
+    with pytest.raises(ValueError, match="no CPU this process may use"):
+        Server(cpu_affinity={unusable})
+
+
+def _affinity_server(**options: Any) -> Server:
+    server = Server(handler_timeout=None, **options)
+
+    @server.route("cpus")
+    def cpus(ctx: Any, message: bytes) -> Any:
+        return {"cpus": sorted(os.sched_getaffinity(0))}
+
+    return server
+
+
+def _cpus_of_a_connection(server: Server) -> List[int]:
+    import json
+
+    with connect(url(server)) as ws:
+        ws.send('{"Route":"cpus"}')
+        answer: List[int] = json.loads(ws.recv(timeout=TIMEOUT))["cpus"]
+        return answer
+
+
+@needs_affinity
+def test_connection_and_accept_threads_run_on_the_cpus_given() -> None:
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    with running(_affinity_server(cpu_affinity={cpu})) as srv:
+        assert _cpus_of_a_connection(srv) == [cpu]
+        # A pooled thread, reused, keeps it.
+        assert _cpus_of_a_connection(srv) == [cpu]
+        accept = srv._accept_thread
+        assert accept is not None and accept.native_id is not None
+        assert os.sched_getaffinity(accept.native_id) == {cpu}
+    assert os.sched_getaffinity(0) == mine  # the thread that started it is left alone
+
+
+@needs_affinity
+def test_one_cpu_binds_to_a_single_usable_cpu_and_none_binds_nothing() -> None:
+    mine = os.sched_getaffinity(0)
+    with running(_affinity_server(cpu_affinity="one")) as srv:
+        cpus = _cpus_of_a_connection(srv)
+    assert len(cpus) == 1 and cpus[0] in mine
+    with running(_affinity_server()) as srv:
+        assert set(_cpus_of_a_connection(srv)) == mine
+
+
+@needs_affinity
+def test_serve_binds_the_calling_thread_while_it_serves_then_gives_it_back() -> None:
+    mine = os.sched_getaffinity(0)
+    cpu = min(mine)
+    server = _affinity_server(cpu_affinity={cpu})
+    after: List[Any] = []
+
+    def serve() -> None:
+        try:
+            server.serve("127.0.0.1:0")
+        finally:
+            after.append(os.sched_getaffinity(0))
+
+    thread = threading.Thread(target=serve, name="serve-caller")
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.address is not None)
+        assert thread.native_id is not None
+        assert os.sched_getaffinity(thread.native_id) == {cpu}
+        assert _cpus_of_a_connection(server) == [cpu]
+    finally:
+        server.close(TIMEOUT)
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert after == [mine]

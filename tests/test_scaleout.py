@@ -483,12 +483,14 @@ import os, sys, threading
 from wsroute_sync import Server
 
 server = Server(handler_timeout=None, max_connections=int(os.environ.get("MAXCONN", "1000")),
-                thread_policy=os.environ.get("THREAD_POLICY", "auto"))
+                thread_policy=os.environ.get("THREAD_POLICY", "auto"),
+                cpu_affinity=os.environ.get("CPU_AFFINITY") or None)
 
 @server.route("pid")
 def pid(ctx, message):
     policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
-    return {"pid": os.getpid(), "policy": policy}
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"pid": os.getpid(), "policy": policy, "cpus": cpus}
 '''
 
 SCRIPT = '''\
@@ -630,6 +632,29 @@ def test_two_workers_serve_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
         assert process.stderr is not None
         log = process.stderr.read()
     assert "was killed by SIGKILL" in log and "restarting it in" in log
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs thread affinity and two usable CPUs")
+def test_one_cpu_affinity_gives_each_worker_a_cpu_of_its_own(tmp_path: Path) -> None:
+    env = {"CPU_AFFINITY": "one"}
+    with supervisor(tmp_path, ["script.py"], env=env) as (process, url):
+        cpus: Dict[int, List[int]] = {}
+        for _ in range(40):  # connections are hashed over the two sockets
+            with Client.connect(url, timeout=TIMEOUT) as client:
+                answer = client.call_json("pid")
+            cpus[int(answer["pid"])] = answer["cpus"]
+            if len(cpus) == 2:
+                break
+        assert len(cpus) == 2
+        first, second = cpus.values()
+        assert len(first) == 1 and len(second) == 1 and first != second
+        assert {first[0], second[0]} <= os.sched_getaffinity(0)
+        assert process.stdin is not None
+        process.stdin.write("close\n")
+        process.stdin.flush()
+        assert process.wait(TIMEOUT * 3) == 0
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")

@@ -119,6 +119,10 @@ def _add_server_options(parser: argparse.ArgumentParser, default_port: int) -> N
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes sharing the port through SO_REUSEPORT "
                         "(default 1); --max-connections applies to each")
+    parser.add_argument("--cpu-affinity", default=None, metavar="one|CPU,CPU...",
+                        help="bind the server's threads to one CPU ('one', a different one "
+                        "per worker) or to the CPUs listed (default: unbound; see the "
+                        "guide's Threads section for the price)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
 
@@ -186,7 +190,20 @@ def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
         options["compression"] = None if args.compression == "none" else args.compression
     if args.allowed_origin:
         options["allowed_origins"] = args.allowed_origin
+    if args.cpu_affinity is not None:
+        options["cpu_affinity"] = _cpu_affinity(args.cpu_affinity)
     return options
+
+
+def _cpu_affinity(text: str) -> Any:
+    """``--cpu-affinity``: ``one``, or CPU numbers separated by commas."""
+    if text == "one":
+        return text
+    try:
+        return frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"wsroute-sync: --cpu-affinity takes 'one' or CPU numbers "
+                         f"separated by commas, got {text!r}") from None
 
 
 def _load_server(target: str) -> Server:

@@ -23,6 +23,14 @@ falls by a third and stays there. Batch threads never preempt on wake-up; they a
 otherwise scheduled like any other thread of nice 0, and need no privilege. Threads a
 batch thread starts inherit the policy (``os.sched_setscheduler(0, os.SCHED_OTHER,
 os.sched_param(0))`` puts one back).
+
+The threads can also be bound to a set of CPUs (``cpu_affinity``; off by default).
+Python runs one thread at a time, so a threaded server gains nothing from a second core
+for its Python work, and it pays for one: when the threads are spread over several
+cores, each hand-over of the GIL (one per system call that blocks: a read, a write)
+wakes a thread on another core, a cross-core wake-up that costs more than the message
+it serves. On the 2-core benchmark machine, 50 busy connections made 24k round trips/s
+spread out and 60k bound to one CPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -30,9 +38,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, List, Optional, Set
+from typing import Callable, FrozenSet, Iterable, List, Optional, Set, Union
 
-__all__ = ["ThreadPool", "THREAD_POLICIES", "check_thread_policy", "set_thread_policy"]
+__all__ = [
+    "ThreadPool",
+    "THREAD_POLICIES",
+    "CpuAffinity",
+    "check_cpu_affinity",
+    "check_thread_policy",
+    "resolve_cpu_affinity",
+    "run_on_cpus",
+    "set_thread_cpus",
+    "set_thread_policy",
+]
 
 Job = Callable[[], None]
 
@@ -70,6 +88,79 @@ def set_thread_policy(policy: Optional[str]) -> bool:
     return True
 
 
+#: The ``cpu_affinity`` option: ``None`` (off), ``"one"``, or CPU numbers.
+CpuAffinity = Union[None, str, Iterable[int]]
+
+
+def check_cpu_affinity(value: CpuAffinity) -> Union[None, str, FrozenSet[int]]:
+    """The option in its stored form (``None``, ``"one"`` or a frozenset of CPU
+    numbers); ``ValueError`` or ``TypeError`` for anything else."""
+    if value is None or value == "one":
+        return value
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"cpu_affinity must be 'one', CPU numbers or None, got {value!r}")
+    try:
+        cpus = frozenset(value)
+    except TypeError:
+        raise TypeError("cpu_affinity must be 'one', an iterable of CPU numbers or None, "
+                        f"not {type(value).__name__}") from None
+    if not cpus:
+        raise ValueError("cpu_affinity must name at least one CPU (use None to switch it off)")
+    for cpu in cpus:
+        if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 0:
+            raise ValueError(f"cpu_affinity: CPU numbers are ints >= 0, got {cpu!r}")
+    return cpus
+
+
+def resolve_cpu_affinity(value: Union[None, str, FrozenSet[int]], index: int = 0
+                         ) -> Optional[FrozenSet[int]]:
+    """The CPUs to bind to: ``"one"`` is the ``index``-th CPU (wrapping) of those the
+    calling thread may run on, so that worker process ``i`` gets a core of its own;
+    ``None`` where the system cannot bind threads, or for ``None``. ``ValueError`` if
+    none of the CPUs named is one this process may run on."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if value is None or getaffinity is None:
+        return None
+    allowed = sorted(getaffinity(0))
+    if value == "one":
+        return frozenset((allowed[index % len(allowed)],))
+    assert not isinstance(value, str)
+    if value.isdisjoint(allowed):
+        raise ValueError(f"cpu_affinity names no CPU this process may use "
+                         f"(it may use {', '.join(map(str, allowed))})")
+    return value
+
+
+def set_thread_cpus(cpus: Optional[FrozenSet[int]]) -> bool:
+    """Bind the calling thread to ``cpus`` (Linux: pid 0 is the calling thread).
+
+    ``False`` for ``None``, where the system has no affinity, or when it refuses
+    (none of ``cpus`` is available to this process): the thread stays where it was.
+    Threads the calling thread starts later inherit the binding.
+    """
+    setaffinity = getattr(os, "sched_setaffinity", None)
+    if cpus is None or setaffinity is None:
+        return False
+    try:
+        setaffinity(0, cpus)
+    except OSError:
+        return False
+    return True
+
+
+def run_on_cpus(cpus: Optional[FrozenSet[int]], run: Callable[[], None]) -> None:
+    """Call ``run()`` with the calling thread bound to ``cpus`` (``None``: unbound), then
+    give the thread back the CPUs it had: it may be the caller's own (``serve()``)."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    before = getaffinity(0) if getaffinity is not None and cpus is not None else None
+    bound = set_thread_cpus(cpus)
+    try:
+        run()
+    finally:
+        if bound and before is not None:
+            set_thread_cpus(frozenset(before))
+
+
 class _Worker:
     """One pooled thread: its wake-up lock and the job handed to it."""
 
@@ -87,6 +178,7 @@ class _Worker:
         pool = self.pool
         try:
             set_thread_policy(pool.thread_policy)
+            set_thread_cpus(pool.cpus)
             while True:
                 job = self.job
                 if job is None:
@@ -111,11 +203,13 @@ class ThreadPool:
     ``submit(job, name)`` never queues: the job starts at once, in an idle thread or a
     new one. A job is expected to handle its own errors (the connection's ``run`` does).
     ``thread_policy="batch"`` runs the threads under ``SCHED_BATCH`` where the system
-    has it (:func:`set_thread_policy`); ``None`` leaves them as they are born.
+    has it (:func:`set_thread_policy`); ``None`` leaves them as they are born. ``cpus``
+    binds them to those CPUs (:func:`set_thread_cpus`); ``None`` leaves them unbound.
     """
 
     def __init__(self, *, max_idle: int = 64, idle_timeout: float = 30.0,
-                 thread_policy: Optional[str] = None) -> None:
+                 thread_policy: Optional[str] = None,
+                 cpus: Optional[FrozenSet[int]] = None) -> None:
         if max_idle < 0:
             raise ValueError("max_idle must be >= 0")
         if idle_timeout <= 0:
@@ -123,6 +217,8 @@ class ThreadPool:
         check_thread_policy(thread_policy)
         #: The scheduling policy each thread sets for itself when it starts.
         self.thread_policy = thread_policy
+        #: The CPUs each thread binds itself to when it starts (``None``: unbound).
+        self.cpus = cpus
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()

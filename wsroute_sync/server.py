@@ -28,7 +28,7 @@ from .listen import UNKNOWN_TIMEOUT, url_for
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
 from .pages import HTTPHandler, Pages
-from .pool import ThreadPool
+from .pool import CpuAffinity, ThreadPool, resolve_cpu_affinity, run_on_cpus
 from .reaper import Reaper
 from .registry import Routes
 from .roster import Roster
@@ -98,6 +98,7 @@ class Server:
         backplane: Optional[Backplane] = None,
         # Threads
         thread_policy: Optional[str] = "auto",
+        cpu_affinity: CpuAffinity = None,
         # Others
         message_handler: Optional[MessageHandler] = None,
         logger: Union[logging.Logger, logging.LoggerAdapter, None] = None,  # type: ignore[type-arg]
@@ -157,8 +158,10 @@ class Server:
         )
         self._pool = ThreadPool(
             max_idle=min(_MAX_IDLE_THREADS, max_connections), idle_timeout=_IDLE_THREAD_SECONDS,
-            # "auto" is "batch" here; a worker process sets its pool back (workers.py).
+            # "auto" is "batch" here; a worker process sets its pool back (workers.py),
+            # and its own CPU under cpu_affinity="one".
             thread_policy=None if self.options.thread_policy is None else "batch",
+            cpus=resolve_cpu_affinity(self.options.cpu_affinity),
         )
         self._supervisor: Any = None  # a workers.Supervisor in the parent of workers
         self.address: Any = None
@@ -301,7 +304,8 @@ class Server:
         processes (``SO_REUSEPORT``), as the worker processes of ``serve(workers=N)`` do.
         """
         acceptor = self._listen(addr, ssl_context, reuse_port=reuse_port)
-        thread = threading.Thread(target=acceptor.run, name="wsroute_sync-accept")
+        thread = threading.Thread(target=run_on_cpus, args=(self._pool.cpus, acceptor.run),
+                                  name="wsroute_sync-accept")  # bound like its connections
         self._accept_thread = thread
         thread.start()
         return self
@@ -322,7 +326,8 @@ class Server:
 
             serve_workers(self, addr, workers, ssl_context=ssl_context)
             return
-        self._listen(addr, ssl_context).run()
+        # In the caller's thread, which is given back its CPUs after.
+        run_on_cpus(self._pool.cpus, self._listen(addr, ssl_context).run)
         self._closed.wait()
 
     @property
@@ -342,11 +347,11 @@ class Server:
             self._supervisor = supervisor
             self._ssl_context = ssl_context  # for url's scheme only
 
-    def enter_worker_process(self) -> None:
-        """Make this copy of the server, in a freshly forked worker process, its own:
-        its own connection ids (and backplane instance id), no supervisor, and, under
-        ``thread_policy="auto"``, threads under the normal scheduling policy."""
+    def enter_worker_process(self, index: int = 0) -> None:
+        """Make this copy of the server, in forked worker process ``index``, its own: own
+        connection ids (and backplane instance id), no supervisor, its thread placement."""
         self._supervisor = None
+        self._pool.cpus = resolve_cpu_affinity(self.options.cpu_affinity, index)
         if self.options.thread_policy == "auto":
             # Worker processes keep every core busy, and there a thread handed the GIL
             # must be able to preempt to run soon: two workers on two cores with batch
@@ -474,8 +479,7 @@ class Server:
         connection; the socket is closed and the slot freed when it returns. ``rest``
         holds bytes read past the head. Never raises for a client's fault.
         """
-        refusal, connection = self._admit(sock, remote_address, request, rest,
-                                          UNKNOWN_TIMEOUT)
+        refusal, connection = self._admit(sock, remote_address, request, rest, UNKNOWN_TIMEOUT)
         if connection is None:
             assert refusal is not None
             answer_and_close(sock, refusal)

@@ -76,7 +76,7 @@ class WorkerServer(Protocol):
     def attach_supervisor(self, supervisor: Any, *, ssl_context: Optional[ssl.SSLContext]
                           ) -> None: ...
 
-    def enter_worker_process(self) -> None: ...
+    def enter_worker_process(self, index: int = ...) -> None: ...
 
 
 _MIN_BACKOFF = 0.1
@@ -279,7 +279,7 @@ class Supervisor:
             if pid == 0:  # pragma: no cover - runs in the child; measured by its behaviour
                 code = 1
                 try:
-                    code = self._child()
+                    code = self._child(slot)
                 except BaseException:
                     self._logger.error("worker %d failed", slot, exc_info=True)
                 finally:
@@ -420,7 +420,7 @@ class Supervisor:
 
     # The child.
 
-    def _child(self) -> int:  # pragma: no cover - runs in the child
+    def _child(self, slot: int) -> int:  # pragma: no cover - runs in the child
         """A worker's life: listen on the shared port, serve until SIGTERM, exit.
 
         SIGTERM and SIGINT stay blocked, as they were across the fork, in every thread
@@ -441,8 +441,9 @@ class Supervisor:
         os.close(self._ready_r)
         os.close(self._death_w)
         # Connection ids must differ between workers; thread_policy="auto" means no
-        # SCHED_BATCH in workers (benchmarks/README.md).
-        server.enter_worker_process()
+        # SCHED_BATCH in workers (benchmarks/README.md); cpu_affinity="one" gives
+        # worker ``slot`` a CPU of its own.
+        server.enter_worker_process(slot)
         try:
             server.start(self._worker_addr, ssl_context=self._ssl_context, reuse_port=True)
         except Exception as exc:

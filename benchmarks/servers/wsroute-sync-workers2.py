@@ -15,7 +15,8 @@ from pathlib import Path
 
 from _common import free_port, parse_args, prepare_process
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import os
+sys.path.insert(0, os.environ.get("WSROUTE_SYNC_TREE") or str(Path(__file__).resolve().parents[2]))
 
 #: Exit status that tells bench.py "cannot run here", as opposed to a crash.
 EXIT_SKIP = 3
