@@ -87,6 +87,9 @@ class ServerSpec:
     #: A copy of the package at another git revision (``--baseline``): run
     #: servers/wsroute-sync.py against it instead of this working tree.
     tree: Path | None = None
+    #: Run servers/<script>.py (default: <key>.py) with these extra arguments.
+    script: str | None = None
+    args: tuple[str, ...] = ()
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -94,6 +97,16 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec(
         "wsroute-sync-workers2", "wsroute_sync workers=2", "ws",
         "ours, two worker processes on SO_REUSEPORT (pinned: both on the server's core)",
+    ),
+    ServerSpec(
+        "wsroute-sync-onecpu", "wsroute_sync cpu_affinity=one", "ws",
+        "ours, its threads bound to one CPU (the cpu_affinity option; off by default)",
+        fanout=True, script="wsroute-sync", args=("--cpu-affinity", "one"),
+    ),
+    ServerSpec(
+        "wsroute-sync-workers2-onecpu", "wsroute_sync workers=2 cpu_affinity=one", "ws",
+        "ours, two worker processes, each bound to a CPU of its own",
+        script="wsroute-sync-workers2", args=("--cpu-affinity", "one"),
     ),
     ServerSpec(
         "websockets-sync", "websockets.sync", "ws", "python-websockets, threaded API",
@@ -404,8 +417,8 @@ class ServerProcess:
         if spec.go_build is not None:
             program = [str(spec.go_build[1])]
         else:
-            script = OURS if spec.tree is not None else spec.key
-            program = [sys.executable, "-u", str(HERE / "servers" / f"{script}.py")]
+            script = spec.script or (OURS if spec.tree is not None else spec.key)
+            program = [sys.executable, "-u", str(HERE / "servers" / f"{script}.py"), *spec.args]
         env = None
         if spec.tree is not None:
             env = dict(os.environ, WSROUTE_SYNC_TREE=str(spec.tree))

@@ -151,7 +151,9 @@ def test_a_complete_head_is_handed_on_with_the_bytes_after_it(harness_factory: A
         assert request.headers["upgrade"] == "websocket"
         assert request.remote_address == client.getsockname()
         assert rest == b"\x81\x05early"
-        assert not is_tls and timeout == 0.0  # still non-blocking: the receiver sets it
+        # Still blocking, as the connection thread reads it: admission read the head
+        # with MSG_DONTWAIT instead of switching the socket to non-blocking and back.
+        assert not is_tls and timeout is None
         assert read_to_eof(client).startswith(b"HTTP/1.1 200 OK\r\n")
 
 

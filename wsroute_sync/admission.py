@@ -35,6 +35,7 @@ _Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
 
 # The head is read in small pieces: a slow client must not pin much memory.
 _HEAD_READ = 4096
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
 # A refused client gets this long to read our answer before the socket is closed...
 _LINGER_SECONDS = 2.0
 # A lingering client that keeps sending is cut off after this much (we only discard it).
@@ -183,8 +184,8 @@ class PendingHandshakes:
         timeout = self._timeout
         deadline = self._clock() + timeout if timeout is not None else float("inf")
         try:
-            sock.setblocking(False)
             if self._ssl_context is not None:
+                sock.setblocking(False)
                 sock = self._ssl_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False
                 )
@@ -365,9 +366,12 @@ class PendingHandshakes:
         buf = waiting.buf
         assert isinstance(buf, bytearray)
         limit = self._limit
+        # A plain socket stays blocking for its thread; MSG_DONTWAIT saves switching it
+        # to non-blocking and back, two system calls that each hand over the GIL.
+        flags = 0 if isinstance(sock, ssl.SSLSocket) else _MSG_DONTWAIT
         while True:
             try:
-                chunk = sock.recv(_HEAD_READ)
+                chunk = sock.recv(_HEAD_READ, flags)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(waiting, selectors.EVENT_READ)
                 return
@@ -431,6 +435,7 @@ class PendingHandshakes:
     def _bad_request(self, waiting: _Waiting, status: int, reason: str) -> None:
         self._warn_bad.warning("admission: bad request from %s, answered %d: %s",
                                waiting.remote, status, reason)
+        waiting.sock.setblocking(False)  # a plain socket is still blocking (_read_head)
         self._answer(waiting, http_response(status, reason + "\n"))
 
     def _answer(self, waiting: _Waiting, response: bytes) -> None:

@@ -255,8 +255,10 @@ class ServerConnection(Sender):
         request = self.request
         if self._tls:
             sock.setblocking(False)
-        else:
-            sock.setblocking(True)  # blocking reads under SO_RCVTIMEO; writes never block
+        elif sock.gettimeout() is not None:
+            # Blocking reads under SO_RCVTIMEO; writes never block. Sockets from the
+            # accept loop are blocking already (admission reads them with MSG_DONTWAIT).
+            sock.setblocking(True)
             if self._read_timeout == UNKNOWN_TIMEOUT:
                 # Not inherited from a prepared listener: set here.
                 if sock.family != socket.AF_UNIX:

@@ -265,15 +265,25 @@ class Sender:
             # (its Close and the client's can cross): they go out before TCP closes.
             timeout = self._write_timeout
             self._deliver(self._queued, None if timeout is None else time.monotonic() + timeout)
-        # Wake any thread still writing (its write fails at once), then wait for it to
-        # leave: the socket must not be closed under a writer, whose file descriptor
-        # number could by then belong to another client.
-        self.abort()
-        with self._writer:
+        writer = self._writer
+        if writer.acquire(False):
+            # Nobody is writing, and a writer that comes later finds the stream closed:
+            # no other thread waits on this socket, so it needs no shutdown() to wake one.
+            self._broken = True
+            self._mark_closing()
+        else:
+            # Wake the thread still writing (its write fails at once), then wait for it
+            # to leave: the socket must not be closed under a writer, whose file
+            # descriptor number could by then belong to another client.
+            self.abort()
+            writer.acquire()
+        try:
             with self._lock:
                 self._finished = True
                 self._out.clear()
             self._sock.close()
+        finally:
+            writer.release()
 
     # Writing. Every method below that writes is called with _writer held.
 

@@ -58,12 +58,26 @@ def dispatch(raw: str | bytes) -> str:
     return json.dumps(handler(params))
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, *, cpu_affinity: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = pick a free one)"
     )
+    if cpu_affinity:  # wsroute_sync's servers: its cpu_affinity option
+        parser.add_argument(
+            "--cpu-affinity", default=None, help="'one' or CPU numbers (default: unbound)"
+        )
     return parser.parse_args()
+
+
+def affinity(value: str | None) -> dict[str, object]:
+    """Server keywords for ``--cpu-affinity``: none at all when it is not given, so
+    that an older wsroute_sync without the option (bench.py --baseline) runs too."""
+    if value is None:
+        return {}
+    if value == "one":
+        return {"cpu_affinity": value}
+    return {"cpu_affinity": frozenset(int(cpu) for cpu in value.split(","))}
 
 
 def prepare_process() -> None:

@@ -8,14 +8,14 @@ core. bench.py sums CPU and memory over the parent and its workers.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from importlib import import_module
 from pathlib import Path
 
-from _common import free_port, parse_args, prepare_process
+from _common import affinity, free_port, parse_args, prepare_process
 
-import os
 sys.path.insert(0, os.environ.get("WSROUTE_SYNC_TREE") or str(Path(__file__).resolve().parents[2]))
 
 #: Exit status that tells bench.py "cannot run here", as opposed to a crash.
@@ -23,14 +23,14 @@ EXIT_SKIP = 3
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
+    args = parse_args(__doc__ or "", cpu_affinity=True)
     try:
         from wsroute_sync import Server
     except ImportError as exc:
         print(f"SKIP wsroute_sync cannot be imported: {exc}", flush=True)
         sys.exit(EXIT_SKIP)
     prepare_process()
-    server = Server(max_connections=20000)
+    server = Server(max_connections=20000, **affinity(args.cpu_affinity))
 
     @server.route("echo")
     def echo(ctx: object, message: bytes) -> bytes:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import Ticker, free_port, parse_args, prepare_process, ready
+from _common import Ticker, affinity, free_port, parse_args, prepare_process, ready
 
 # Benchmark the checkout this file lives in, not whatever copy happens to be
 # installed in site-packages; or, for bench.py --baseline, the copy of another
@@ -53,7 +53,7 @@ def announce_when_listening(port: int) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
+    args = parse_args(__doc__ or "", cpu_affinity=True)
     try:
         from wsroute_sync import Server
     except ImportError as exc:
@@ -63,7 +63,7 @@ def main() -> None:
 
     # No _common.dispatch here: wsroute_sync parses the envelope, routes and
     # re-encodes itself; that is the work the peers reproduce with dispatch.
-    server = Server(max_connections=20000)
+    server = Server(max_connections=20000, **affinity(args.cpu_affinity))
 
     @server.route("echo")
     def echo(ctx: object, message: bytes) -> bytes:  # message = Params as UTF-8 JSON
