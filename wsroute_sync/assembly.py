@@ -61,6 +61,11 @@ def _utf8_decoder() -> codecs.IncrementalDecoder:
     return _UTF8_DECODER("strict")
 
 
+# Shared by every stream between text messages, and never used to decode: most
+# connections never read a text message here, so they make no decoder of their own.
+_IDLE_DECODER = _utf8_decoder()
+
+
 def _pure_wsproto_requested() -> bool:
     # A switch for diagnosis and for measuring what the fast path buys: with it set,
     # every frame goes through wsproto's own parser and serialiser.
@@ -131,7 +136,7 @@ class MessageAssembler:
         # byte (CPython widens its buffer, sized by the input, to 4-byte characters at
         # the first astral one); steps keep that to one step.
         self._check: Optional[codecs.IncrementalDecoder] = None  # None: not text
-        self._decoder = _utf8_decoder()
+        self._decoder = _IDLE_DECODER  # replaced by _begin() for each text message
         self._pending = bytearray()  # checked, not yet decoded: less than a step
         self._pieces: List[str] = []
         # The data frame read here: whether it ends its message, its masking key, and

@@ -385,15 +385,15 @@ class ServerConnection(Sender):
                     # The code and reason first: whoever wakes on ``closed`` reads them.
                     if self.close_code is None or not item.closed:
                         self.close_code, self.close_reason = item.code, item.reason
-                    self._mark_closing()
-                    if not item.closed:
-                        # Echo the code (RFC 6455 5.5.1); 1005 "no status" becomes an
-                        # empty Close, which wsproto writes for it.
-                        ticket = self._queue_close(item.code, "")
-                        if ticket is not None:
-                            timeout = self._write_timeout
-                            self._deliver(ticket, None if timeout is None
-                                          else time.monotonic() + timeout)
+                    # Echo the code (RFC 6455 5.5.1); 1005 "no status" becomes an empty
+                    # Close, which wsproto writes for it. Queuing it marks us closing.
+                    ticket = None if item.closed else self._queue_close(item.code, "")
+                    if ticket is None:
+                        self._mark_closing()
+                    else:
+                        timeout = self._write_timeout
+                        self._deliver(ticket, None if timeout is None
+                                      else time.monotonic() + timeout)
                     # RFC 6455 7.1.1: the server closes TCP first, so return now.
                     return
                 elif kind is ProtocolFailure:

@@ -270,7 +270,8 @@ class Sender:
             # Nobody is writing, and a writer that comes later finds the stream closed:
             # no other thread waits on this socket, so it needs no shutdown() to wake one.
             self._broken = True
-            self._mark_closing()
+            if not self._closing:
+                self._mark_closing()
         else:
             # Wake the thread still writing (its write fails at once), then wait for it
             # to leave: the socket must not be closed under a writer, whose file
@@ -367,6 +368,8 @@ class Sender:
                 self.drop(str(exc))
 
     def _acquire_writer(self, deadline: Optional[float]) -> bool:
+        if self._writer.acquire(False):
+            return True  # the usual case: nobody else is writing to this client
         timeout = self._write_timeout
         if deadline is not None:
             left = max(0.0, deadline - time.monotonic())
