@@ -163,6 +163,43 @@ def test_broadcast_reaches_every_client(scheme: str, tls: Any, watch: Watch) -> 
                 ws.close()
 
 
+def test_broadcasts_the_socket_takes_in_part_arrive_whole_and_in_order(
+        scheme: str, tls: Any, watch: Watch) -> None:
+    # A broadcast writes straight to a socket that nothing is queued for; one the socket
+    # takes only in part must be finished before the frames queued behind it meanwhile.
+    server = make_server()
+    size = 4 << 20  # larger than the socket buffers: every send is partial
+    with serving(server, scheme, tls):
+        ws = client(server, scheme, tls)
+        try:
+            assert _wait_for(lambda: server.active_connections == 1)
+            counts: List[int] = []
+
+            def broadcaster(k: int) -> None:
+                for i in range(3):
+                    counts.append(server.broadcast(f"{k}:{i}:" + "x" * size, timeout=TIMEOUT))
+
+            threads = [threading.Thread(target=broadcaster, args=(k,)) for k in range(2)]
+            for thread in threads:
+                thread.start()
+            got: List[Tuple[int, int]] = []
+            for _ in range(6):
+                message = ws.recv(timeout=TIMEOUT)
+                assert isinstance(message, str)
+                k, i, body = message.split(":", 2)
+                assert body == "x" * size
+                got.append((int(k), int(i)))
+            for thread in threads:
+                thread.join(TIMEOUT)
+            assert counts == [1] * 6
+            for k in range(2):
+                assert [i for kk, i in got if kk == k] == [0, 1, 2]
+            ws.send(request("echo", 1))
+            assert ws.recv(timeout=TIMEOUT) == "1"
+        finally:
+            ws.close()
+
+
 # 3: no data frame after our Close, whoever closes and however broadcasts race it.
 
 def frames_until_eof(raw: RawClient) -> List[int]:

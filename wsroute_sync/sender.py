@@ -148,16 +148,40 @@ class Sender:
         as far as the socket takes it now. Unless ``progress`` is ``DONE`` or ``CLOSED``,
         drive it with :meth:`progress` (``ticket`` names the frame).
         """
+        writer = self._writer
+        # The usual case: nobody else writes to this client and nothing is queued for
+        # it, so the frame goes straight to the socket rather than through _out.
+        direct = writer.acquire(False)
         with self._lock:
             stream = self._stream
             if self._closing or stream is None or not stream.writable:
+                if direct:
+                    writer.release()
                 return Progress.CLOSED, 0
             frame = message.frame_for(stream)
             self.metrics.messages_out += 1
-            self._out.append(frame)
             self._queued += len(frame)
             ticket = self._queued
-        return self.progress(ticket), ticket
+            if direct and self._out:
+                direct = False
+                writer.release()
+            if not direct:
+                self._out.append(frame)
+        if not direct:
+            return self.progress(ticket), ticket
+        try:
+            n = self._send_once(frame)[0]
+        except _WriteFailed as exc:
+            self.drop(str(exc))
+            n = len(frame)
+        if n < len(frame):
+            with self._lock:  # the rest goes before frames queued meanwhile (encoded later)
+                self._out.appendleft(frame)
+                self._out_offset = n
+        self._release_writer()
+        if self._written >= ticket:
+            return Progress.DONE, ticket
+        return (Progress.CLOSED if self._broken else Progress.WAIT_WRITABLE), ticket
 
     def progress(self, ticket: int) -> Progress:
         """Write more of the queued frames without waiting; how far ``ticket`` has got."""
@@ -407,9 +431,8 @@ class Sender:
             self._release_writer()
 
     def _reply(self, data: Message) -> None:
-        """The connection thread's reply: :meth:`_send_data`, with the usual case (no
-        other writer, nothing queued, the socket takes it all) in as few steps as
-        possible, because it runs for every message."""
+        """The connection thread's reply (:meth:`_send_data`), the usual case (no other
+        writer, nothing queued) in few steps: it runs for every message."""
         writer = self._writer
         if not writer.acquire(False):
             self._send_data(data, None)  # another thread is writing: wait in turn
@@ -428,24 +451,13 @@ class Sender:
         self._queued += len(frame)
         lock.release()
         try:
-            n = self._sock.send(frame, _MSG_DONTWAIT)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.drop(f"write failed: {exc}")
-            writer.release()
-            return
-        self._written += n
-        try:
+            n = self._send_once(frame)[0]
             if n < len(frame):
                 self._write(memoryview(frame)[n:], None)
         except _WriteFailed as exc:
             self.drop(str(exc))
         finally:
-            if self._out:
-                self._release_writer()
-            else:
-                writer.release()
+            self._release_writer() if self._out else writer.release()
 
     def _send_control(self, ping: bool, payload: bytes = b"") -> bool:
         """Write a Ping (``ping``) or a Pong; ``False`` if the connection failed."""
