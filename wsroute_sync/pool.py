@@ -29,8 +29,8 @@ Python runs one thread at a time, so a threaded server gains nothing from a seco
 for its Python work, and it pays for one: when the threads are spread over several
 cores, each hand-over of the GIL (one per system call that blocks: a read, a write)
 wakes a thread on another core, a cross-core wake-up that costs more than the message
-it serves. On the 2-core benchmark machine, 50 busy connections made 24k round trips/s
-spread out and 60k bound to one CPU (benchmarks/README.md).
+it serves. On the 2-core benchmark machine, 50 busy connections made ~25k round trips/s
+spread out and ~50k bound to one CPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
