@@ -440,8 +440,7 @@ class Sender:
         lock = self._lock
         lock.acquire()
         stream = self._stream
-        if (self._closing or self._out or stream is None or not stream.writable
-                or self._tls_lock is not None):
+        if self._closing or self._out or stream is None or not stream.writable:
             lock.release()
             writer.release()
             self._send_data(data, None)
