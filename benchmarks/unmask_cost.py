@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 ROOT = os.environ.get("ROOT", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
@@ -59,41 +59,29 @@ BATCH = SMALL * 100
 BIG = frame(os.urandom(200_000))
 
 
-def one_per_read() -> float:
+def ns_per_message(data: bytes, reads: int, per_read: int) -> float:
+    """Nanoseconds a message over ``reads`` calls of receive(data), each of which must
+    yield ``per_read`` whole messages (checked once, outside the timed loop)."""
+    messages = stream().receive(data)
+    assert len(messages) == per_read and all(len(m) == len(messages[0]) for m in messages)
     receive = stream().receive
     start = time.perf_counter_ns()
-    for _ in range(100_000):
-        receive(SMALL)
-    return (time.perf_counter_ns() - start) / 100_000
-
-
-def hundred_per_read() -> float:
-    receive = stream().receive
-    start = time.perf_counter_ns()
-    for _ in range(1000):
-        receive(BATCH)
-    return (time.perf_counter_ns() - start) / 100_000
-
-
-def big_frame() -> float:
-    receive = stream().receive
-    start = time.perf_counter_ns()
-    for _ in range(200):
-        assert len(receive(BIG)[0]) == 200_000
-    return (time.perf_counter_ns() - start) / 200
+    for _ in range(reads):
+        receive(data)
+    return (time.perf_counter_ns() - start) / (reads * per_read)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    cases: List[Tuple[str, Callable[[], float]]] = [
-        ("64 B, 1 frame a read", one_per_read),
-        ("64 B, 100 frames a read", hundred_per_read),
-        ("200 KB frame", big_frame),
+    cases: List[Tuple[str, bytes, int, int]] = [
+        ("64 B, 1 frame a read", SMALL, 100_000, 1),
+        ("64 B, 100 frames a read", BATCH, 1000, 100),
+        ("200 KB frame", BIG, 200, 1),
     ]
-    for name, case in cases:
-        times = [case() for _ in range(args.rounds)]
+    for name, data, reads, per_read in cases:
+        times = [ns_per_message(data, reads, per_read) for _ in range(args.rounds)]
         print(f"{name:24s} min {min(times):9.0f} ns/msg  median {statistics.median(times):9.0f}")
 
 
