@@ -15,6 +15,7 @@ from websockets.sync.client import connect
 
 from conftest import TIMEOUT, ListHandler, _wait_for, make_server, running
 from wsroute_sync import Server
+from wsroute_sync.http import parse_request_head
 from wsroute_sync.pool import ThreadPool, set_thread_policy
 
 
@@ -187,6 +188,75 @@ def test_accepted_sockets_start_with_the_listeners_options() -> None:
             ws.send('{"Route":"opts"}')
             assert ws.recv(timeout=TIMEOUT) == "ok"
     assert options == [(1, (3, 500000))]
+
+
+def test_tls_sockets_have_nagle_off_from_the_handshake_on(tls: Any) -> None:
+    """TLS sockets set TCP_NODELAY themselves (before the handshake: with Nagle on, the
+    session tickets a TLS 1.3 server writes after it waited for the client's delayed ACK,
+    40 ms of every wss handshake on loopback)."""
+    server_ctx, client_ctx = tls
+    server = make_server()
+    nodelay: List[int] = []
+
+    @server.route("opts")
+    def opts(ctx: Any, message: bytes) -> Any:
+        sock = socket.socket(fileno=os.dup(ctx.connection.fileno()))
+        try:
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            sock.close()
+        return "ok"
+
+    server.start("127.0.0.1:0", ssl_context=server_ctx)
+    try:
+        with connect(server.url, ssl=client_ctx) as ws:
+            ws.send('{"Route":"opts"}')
+            assert ws.recv(timeout=TIMEOUT) == "ok"
+    finally:
+        server.close()
+    assert nodelay == [1]
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_sockets_handed_to_serve_socket_have_nagle_off(timeout: Any) -> None:
+    """A socket from elsewhere (a WSGI server's) inherits nothing from our listener, so
+    the upgrade turns Nagle off, whether the socket is blocking or has a timeout."""
+    server = make_server()
+    nodelay: List[int] = []
+
+    @server.route("opts")
+    def opts(ctx: Any, message: bytes) -> Any:
+        sock = socket.socket(fileno=os.dup(ctx.connection.fileno()))
+        try:
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            sock.close()
+        return "ok"
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one() -> None:
+        sock, remote = listener.accept()
+        sock.settimeout(timeout)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        end = head.index(b"\r\n\r\n") + 4
+        server.serve_socket(sock, remote, parse_request_head(head[:end], remote),
+                            rest=head[end:])
+
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    try:
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            ws.send('{"Route":"opts"}')
+            assert ws.recv(timeout=TIMEOUT) == "ok"
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+    assert not thread.is_alive()
+    assert nodelay == [1]
 
 
 needs_sched_batch = pytest.mark.skipif(

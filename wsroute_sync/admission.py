@@ -183,25 +183,26 @@ class PendingHandshakes:
             return
         timeout = self._timeout
         deadline = self._clock() + timeout if timeout is not None else float("inf")
+        if self._ssl_context is None:
+            # Read at once rather than wait for the selector: a client usually sends its
+            # head right behind the handshake, and then this saves three system calls
+            # (register, select, unregister) for the one that fails when it has not.
+            self._read_head(_Waiting(sock, remote_address, deadline, _HEAD))
+            return
         try:
-            if self._ssl_context is not None:
-                sock.setblocking(False)
-                sock = self._ssl_context.wrap_socket(
-                    sock, server_side=True, do_handshake_on_connect=False
-                )
+            if sock.family != socket.AF_UNIX:
+                # Nagle off, as plain sockets get it from the listener: the session
+                # tickets a TLS server writes after its handshake waited for the client's
+                # delayed ACK, 40 ms of every wss handshake.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            sock = self._ssl_context.wrap_socket(sock, server_side=True,
+                                                 do_handshake_on_connect=False)
         except OSError as exc:
             self._logger.debug("admission: %s lost at accept: %s", remote_address, exc)
             sock.close()
             return
-        if self._ssl_context is not None:
-            waiting = _Waiting(sock, remote_address, deadline, _TLS)
-            self._tls(waiting)
-        else:
-            # Read at once rather than wait for the selector: a client usually sends its
-            # head right behind the handshake, and then this saves three system calls
-            # (register, select, unregister) for the one that fails when it has not.
-            waiting = _Waiting(sock, remote_address, deadline, _HEAD)
-            self._read_head(waiting)
+        self._tls(_Waiting(sock, remote_address, deadline, _TLS))
 
     def owns(self, key: selectors.SelectorKey) -> bool:
         """Whether ``key`` is one of this object's sockets (pass it to :meth:`handle`)."""

@@ -259,12 +259,11 @@ class ServerConnection(Sender):
             # Blocking reads under SO_RCVTIMEO; writes never block. Sockets from the
             # accept loop are blocking already (admission reads them with MSG_DONTWAIT).
             sock.setblocking(True)
-            if self._read_timeout == UNKNOWN_TIMEOUT:
-                # Not inherited from a prepared listener: set here.
-                if sock.family != socket.AF_UNIX:
-                    # Replies are small and the client waits for each one: do not let
-                    # Nagle's algorithm hold them back for the ACK of the previous one.
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._read_timeout == UNKNOWN_TIMEOUT and sock.family != socket.AF_UNIX:
+            # Not inherited from a prepared listener (another OS, a WSGI server's socket):
+            # replies are small and the client waits for each one, so Nagle's algorithm
+            # must not hold them back for the ACK of the previous one.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not is_upgrade_request(request):
             answer_and_close(sock, owner.http_answer(request), close=False)
             return False
