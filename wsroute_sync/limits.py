@@ -219,6 +219,7 @@ def client_address(request: HTTPRequest, peer: Any, *,
     (RFC 7239; its ``for=`` parameters are read).
     """
     proxies = tuple(trusted_proxies) if trusted_proxies else ()
+    networks = _networks(proxies) if proxies else ()
     if not isinstance(peer, tuple) or not peer:
         if LOCAL_CLIENT not in proxies:
             return LOCAL_CLIENT
@@ -228,11 +229,8 @@ def client_address(request: HTTPRequest, peer: Any, *,
         if peer_ip is None:
             return str(peer[0])
         fallback = str(peer_ip)
-        if not proxies:
+        if not any(peer_ip in net for net in networks):
             return fallback
-        if not any(peer_ip in net for net in _networks(proxies)):
-            return fallback
-    networks = _networks(proxies)
     for hop in reversed(_hops(request, header)):
         ip = _parse_ip(hop)
         if ip is None:
