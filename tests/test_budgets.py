@@ -125,18 +125,14 @@ def test_pending_handshakes_are_bounded_oldest_dropped_first() -> None:
 def test_connections_per_ip() -> None:
     server = make_server(max_connections_per_ip=2)
     with running(server):
-        first = connect(server.url, open_timeout=TIMEOUT)
-        second = connect(server.url, open_timeout=TIMEOUT)
-        try:
+        with connect(server.url, open_timeout=TIMEOUT) as first, \
+                connect(server.url, open_timeout=TIMEOUT):
             with handshake(server.address) as third:
                 assert third.status == 429
                 assert b"Too many connections from this address" in third.body
             first.close()
             assert _wait_for(lambda: server.active_connections == 1)
             assert call_within_a_second(server.url) < 1.0
-        finally:
-            first.close()
-            second.close()
 
 
 def test_connections_per_ip_behind_a_trusted_proxy() -> None:

@@ -92,9 +92,11 @@ def client(server: Server, scheme: str, tls: Tuple[ssl.SSLContext, ssl.SSLContex
     if stalled:
         kwargs["max_queue"] = 0
     if scheme == "wss":
-        return connect(server.url, sock=sock, ssl=tls[1], server_hostname="127.0.0.1",
-                       **kwargs)
-    return connect(server.url, sock=sock, **kwargs)
+        kwargs.update(ssl=tls[1], server_hostname="127.0.0.1")
+    # Entered, not called bare: websockets 17 deprecates connect() outside a ``with``.
+    # The caller closes it.
+    ws: ClientConnection = connect(server.url, sock=sock, **kwargs).__enter__()
+    return ws
 
 
 def request(route: str, params: Any = None) -> str:
