@@ -190,12 +190,8 @@ def test_accepted_sockets_start_with_the_listeners_options() -> None:
     assert options == [(1, (3, 500000))]
 
 
-def test_tls_sockets_have_nagle_off_from_the_handshake_on(tls: Any) -> None:
-    """TLS sockets set TCP_NODELAY themselves (before the handshake: with Nagle on, the
-    session tickets a TLS 1.3 server writes after it waited for the client's delayed ACK,
-    40 ms of every wss handshake on loopback)."""
-    server_ctx, client_ctx = tls
-    server = make_server()
+def _record_nodelay(server: Server) -> List[int]:
+    """Route ``opts`` appends its connection's TCP_NODELAY to the list returned."""
     nodelay: List[int] = []
 
     @server.route("opts")
@@ -206,6 +202,17 @@ def test_tls_sockets_have_nagle_off_from_the_handshake_on(tls: Any) -> None:
         finally:
             sock.close()
         return "ok"
+
+    return nodelay
+
+
+def test_tls_sockets_have_nagle_off_from_the_handshake_on(tls: Any) -> None:
+    """TLS sockets set TCP_NODELAY themselves (before the handshake: with Nagle on, the
+    session tickets a TLS 1.3 server writes after it waited for the client's delayed ACK,
+    40 ms of every wss handshake on loopback)."""
+    server_ctx, client_ctx = tls
+    server = make_server()
+    nodelay = _record_nodelay(server)
 
     server.start("127.0.0.1:0", ssl_context=server_ctx)
     try:
@@ -222,16 +229,7 @@ def test_sockets_handed_to_serve_socket_have_nagle_off(timeout: Any) -> None:
     """A socket from elsewhere (a WSGI server's) inherits nothing from our listener, so
     the upgrade turns Nagle off, whether the socket is blocking or has a timeout."""
     server = make_server()
-    nodelay: List[int] = []
-
-    @server.route("opts")
-    def opts(ctx: Any, message: bytes) -> Any:
-        sock = socket.socket(fileno=os.dup(ctx.connection.fileno()))
-        try:
-            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        finally:
-            sock.close()
-        return "ok"
+    nodelay = _record_nodelay(server)
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
