@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import shutil
 import socket
 import ssl
@@ -792,3 +793,68 @@ def test_send_to_a_server_that_stops_reading_times_out() -> None:
             client.send("more")
         client.close()
         stop.set()
+
+
+def test_wss_send_to_a_server_that_stops_reading_times_out(tls: Any) -> None:
+    """TLS writes are bounded by ``timeout`` too (they used to wait for ever)."""
+    server_ctx, client_ctx = tls
+    server = make_server()
+    release = threading.Event()
+
+    @server.route("stall")
+    def stall(ctx: Any, message: bytes) -> None:
+        release.wait(TIMEOUT)  # the connection's thread reads nothing meanwhile
+
+    server.start("127.0.0.1:0", ssl_context=server_ctx)
+    try:
+        client = Client.connect(server.url, ssl_context=client_ctx, timeout=0.5)
+        client.send({"Route": "stall"})
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.send(b"x" * (32 << 20))  # more than the kernel buffers hold
+        assert time.monotonic() - started < TIMEOUT
+        assert client.closed
+        client.close()
+    finally:
+        release.set()
+        server.close(timeout=TIMEOUT)
+
+
+def test_wss_reads_and_writes_from_several_threads_at_once(tls: Any) -> None:
+    """The reader thread takes pushes while four threads send: every message arrives,
+    whole, in each sender's order (one OpenSSL call at a time: sharedtls.py)."""
+    server_ctx, client_ctx = tls
+    server = make_server()
+
+    @server.route("flood")
+    def flood(ctx: Any, message: bytes) -> None:
+        for i in range(300):
+            ctx.send({"push": i, "pad": "p" * 3000})
+
+    server.start("127.0.0.1:0", ssl_context=server_ctx)
+    try:
+        with Client.connect(server.url, ssl_context=client_ctx) as client:
+            client.send({"Route": "flood"})
+
+            def sender(n: int) -> None:
+                for i in range(100):
+                    client.send({"Route": "echo", "Params": [n, i, "q" * 2000]})
+
+            threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            pushes: List[int] = []
+            echoes: Dict[int, List[int]] = {n: [] for n in range(4)}
+            for _ in range(300 + 400):
+                message = json.loads(client.receive(TIMEOUT))
+                if isinstance(message, dict):
+                    pushes.append(message["push"])
+                else:
+                    echoes[message[0]].append(message[1])
+            for thread in threads:
+                thread.join(TIMEOUT)
+            assert not any(thread.is_alive() for thread in threads)
+        assert pushes == list(range(300))
+        assert echoes == {n: list(range(100)) for n in range(4)}
+    finally:
+        server.close(timeout=TIMEOUT)

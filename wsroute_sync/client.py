@@ -22,7 +22,10 @@ or misread a reply:
 * the server's Close is answered (RFC 6455 5.5.1; simple-websocket's client does not),
   a connection lost without one reports code 1006, and ``close()`` never leaves the
   reader thread blocked;
-* writes hold a lock and use ``sendall``, so frames from two threads never interleave.
+* writes hold a lock and use ``sendall``, so frames from two threads never interleave;
+  on ``wss://`` every read and write also takes the TLS socket's own lock
+  (:mod:`wsroute_sync.sharedtls`), because OpenSSL does not allow one connection to be
+  read and written at the same time, and writes are bounded by ``timeout`` there too.
 
 Requests and replies are paired by order: the server handles one message of a
 connection at a time and answers in order, and the envelope carries no request id.
@@ -55,6 +58,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .errors import ClientTimeout, ConnectionClosed, HandshakeRejected, RouteError
+from .sharedtls import SharedTLSSocket
 
 __all__ = ["Client", "Message", "is_error_envelope"]
 
@@ -173,8 +177,12 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
                 sock.close()
                 raise
         try:
+            # The reader thread reads while callers write: over TLS, one OpenSSL call at
+            # a time (see sharedtls.py).
+            stream: Union[socket.socket, SharedTLSSocket] = (
+                SharedTLSSocket(sock) if isinstance(sock, ssl.SSLSocket) else sock)
             simple_websocket.ws.Base.__init__(
-                self, sock, connection_type=ConnectionType.CLIENT, receive_bytes=_RECV_SIZE,
+                self, stream, connection_type=ConnectionType.CLIENT, receive_bytes=_RECV_SIZE,
                 # A daemon: a client its program forgot to close must not keep the
                 # interpreter alive; close() joins it.
                 thread_class=functools.partial(
@@ -251,10 +259,12 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
                 ) from None
         # From now on the reader thread blocks in recv; a timeout would read as a loss.
         self.sock.settimeout(None)
-        if self._timeout is not None and type(self.sock) is socket.socket:
-            # Writes alone get a deadline, a kernel one (Python's would bound reads too):
-            # a server that stops reading must not pin a sender for ever. TLS sockets
-            # cannot take it (their writes stay unbounded).
+        # Writes alone get a deadline (a socket timeout would bound reads too): a server
+        # that stops reading must not pin a sender for ever. The kernel's on a plain
+        # socket; on TLS, the poll() of the shared socket.
+        if isinstance(self.sock, SharedTLSSocket):
+            self.sock.write_timeout = self._timeout
+        elif self._timeout is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                  _timeval(self._timeout))
         self.connected = True
