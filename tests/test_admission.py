@@ -201,6 +201,18 @@ def test_an_oversize_head_gets_431(harness_factory: Any) -> None:
         assert b"larger than 1024 bytes" in answer
 
 
+def test_a_request_line_over_the_limit_gets_414(harness_factory: Any) -> None:
+    """RFC 9112 3: a request-target longer than the server will parse gets 414, also
+    before the line ends; a long head after a short request line stays 431 (above)."""
+    harness = harness_factory(max_header_size=1024)
+    for tail in (b"", b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with connect(harness.address) as client:
+            client.sendall(b"GET /" + b"p" * 5000 + tail)
+            answer = read_to_eof(client)
+            assert answer.startswith(b"HTTP/1.1 414 ")
+            assert b"request line longer than 1024 bytes" in answer
+
+
 def test_a_head_not_finished_in_time_gets_408(harness_factory: Any) -> None:
     harness = harness_factory(handshake_timeout=0.3)
     with connect(harness.address) as client, connect(harness.address) as silent:

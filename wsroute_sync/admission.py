@@ -6,22 +6,21 @@ Taking a slot at ``accept()`` let any client that connects and says nothing hold
 server with ``max_connections=200``. Here a socket that has not yet sent a complete
 request head costs a file descriptor and a small buffer. :class:`PendingHandshakes`
 drives the TLS handshake and reads the head without blocking, answers bad heads itself
-(400, 408, 431, ...), and hands each complete head to a callback that decides what the
-connection gets (a slot and a thread, a 503, a plain HTTP answer).
-
-Everything here runs in the one thread that owns the selector; nothing is thread-safe,
-and nothing blocks.
+(400, 408, 414, 431, ...), and hands each complete head to a callback that decides what
+the connection gets (a slot and a thread, a 503, a plain HTTP answer). It all runs in the
+thread that owns the selector: nothing here is thread-safe, and nothing blocks.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import selectors
 import socket
 import ssl
 import time
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .http import BadRequest, HTTPRequest, check_request_start, find_head_end, http_response
 from .http import parse_request_head
@@ -87,7 +86,8 @@ class PendingHandshakes:
         handshake_timeout: seconds for the TLS handshake and the whole request head
             together; past it the client gets 408 (or, before TLS is up, is closed).
             ``None``: no limit (the :attr:`max_pending` bound still applies).
-        max_header_size: bytes of the request head; more gets 431.
+        max_header_size: bytes of the request head; more gets 431 (414 when the request
+            line alone is longer).
         max_pending: sockets waiting at once; one more drops the oldest (closed with no
             answer: under a flood it is the likeliest to be idle, and the newest is
             likeliest to be a client about to send its head). See
@@ -237,12 +237,8 @@ class PendingHandshakes:
         """Answer 408 to heads past ``handshake_timeout`` (close TLS handshakes that never
         finished) and close refused sockets whose linger is over."""
         now = self._clock()
-        expired: List[_Waiting] = []
-        for waiting in self._pending:
-            if waiting.deadline > now:
-                break
-            expired.append(waiting)
-        for waiting in expired:
+        # Both are in deadline order: the expired ones come first (copied, then closed).
+        for waiting in list(itertools.takewhile(lambda w: w.deadline <= now, self._pending)):
             self.timed_out += 1
             if waiting.phase == _TLS:
                 self._warn_timeout.warning(
@@ -256,12 +252,7 @@ class PendingHandshakes:
                     "answered 408", waiting.remote,
                 )
                 self._answer(waiting, http_response(408, "request head not received in time\n"))
-        expired.clear()
-        for waiting in self._lingering:
-            if waiting.deadline > now:
-                break
-            expired.append(waiting)
-        for waiting in expired:
+        for waiting in list(itertools.takewhile(lambda w: w.deadline <= now, self._lingering)):
             self._discard(waiting)
 
     def refuse(self, sock: socket.socket, response: bytes) -> None:
@@ -401,7 +392,11 @@ class PendingHandshakes:
                     return
             end = find_head_end(buf, start)
             if (end < 0 and len(buf) > limit) or end > limit:
-                self._bad_request(waiting, 431, f"request head larger than {limit} bytes")
+                # RFC 9112 3: a request line past the limit is a target too long (414).
+                if buf.find(b"\n", 0, limit) < 0:
+                    self._bad_request(waiting, 414, f"request line longer than {limit} bytes")
+                else:
+                    self._bad_request(waiting, 431, f"request head larger than {limit} bytes")
                 return
             if end >= 0:
                 self._complete(waiting, buf, end)

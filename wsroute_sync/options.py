@@ -62,7 +62,8 @@ class ServerOptions:
             HTTP 503 "Too many connections" with ``Retry-After`` before any upgrade.
         max_message_size: bytes in one message, after reassembly and decompression
             (default 1 MiB); more closes the connection with 1009.
-        max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431.
+        max_header_size: bytes of the HTTP request head (default 16 KiB); more gets 431
+            (414 when the request line alone is longer).
         max_pending_handshakes: accepted sockets still waiting for their request head (or
             TLS handshake); they wait in the accept loop, without a thread or a slot.
             Past it the oldest is dropped. ``"auto"`` (default): what the process's file
