@@ -14,9 +14,7 @@ being entered by two threads at once.
 
 from __future__ import annotations
 
-import select
 import socket
-import ssl
 import threading
 import time
 from typing import Any, Dict, FrozenSet, Optional, Protocol, Tuple
@@ -55,8 +53,6 @@ _RECV_SMALL = 2048
 _RECV_LARGE = 262144
 
 _TIMEOUT_ERRORS = (BlockingIOError, socket.timeout)
-_POLLIN = select.POLLIN
-_POLLOUT = select.POLLOUT
 
 
 class ConnectionOwner(Protocol):
@@ -201,28 +197,11 @@ class ServerConnection(Sender):
 
     def _set_read_timeout(self, seconds: Optional[float]) -> None:
         if seconds != self._read_timeout:
-            if not self._tls:
+            if self._tls_sock is not None:
+                self._tls_sock.settimeout(seconds)
+            else:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self._read_timeout = seconds
-
-    def _recv_tls(self, size: int) -> bytes:
-        """One read of a non-blocking TLS socket, waiting up to the read timeout."""
-        sock = self._sock
-        tls_lock = self._tls_lock
-        assert tls_lock is not None
-        timeout = self._read_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with tls_lock:
-                try:
-                    return sock.recv(size)
-                except ssl.SSLWantReadError:
-                    events = _POLLIN
-                except ssl.SSLWantWriteError:
-                    events = _POLLOUT
-            left = None if deadline is None else deadline - time.monotonic()
-            if (left is not None and left <= 0) or not self._wait(events, left):
-                raise socket.timeout("read timed out")
 
     # The connection thread.
 
@@ -253,11 +232,10 @@ class ServerConnection(Sender):
         options = owner.options
         sock = self._sock
         request = self.request
-        if self._tls:
-            sock.setblocking(False)
-        elif sock.gettimeout() is not None:
+        if not self._tls and sock.gettimeout() is not None:
             # Blocking reads under SO_RCVTIMEO; writes never block. Sockets from the
             # accept loop are blocking already (admission reads them with MSG_DONTWAIT).
+            # A TLS socket is non-blocking (SharedTLSSocket sees to it).
             sock.setblocking(True)
         if self._read_timeout == UNKNOWN_TIMEOUT and sock.family != socket.AF_UNIX:
             # Not inherited from a prepared listener (another OS, a WSGI server's socket):
@@ -300,7 +278,7 @@ class ServerConnection(Sender):
             rate, options.message_burst or max(1, int(rate)))
         clock = time.monotonic
         tls = self._tls
-        recv = self._recv_tls if tls else sock.recv
+        recv = self._tls_sock.recv if self._tls_sock is not None else sock.recv
         recv_into = sock.recv_into
         small = bytearray(_RECV_SMALL)
         small_view = memoryview(small)

@@ -2,8 +2,9 @@
 each write bounded; and the close state that ends them.
 
 :class:`~wsroute_sync.connection.ServerConnection` extends :class:`Sender` with its own
-thread, which reads the same socket (taking ``_lock`` around the stream's ``receive``,
-and ``_tls_lock`` around a TLS read). These two modules are the only code that touches a
+thread, which reads the same socket (taking ``_lock`` around the stream's ``receive``;
+a TLS socket is a :class:`~wsroute_sync.sharedtls.SharedTLSSocket`, which takes its own
+lock around each OpenSSL call). These two modules are the only code that touches a
 connection's socket, its locks, its queue of frames and its close state; everyone else
 (fan-out, the server, the backplane) uses the public methods.
 
@@ -40,6 +41,7 @@ from .errors import ConnectionClosed
 from .metrics import ConnectionMetrics
 from .frames import Message
 from .routing import as_message
+from .sharedtls import SharedTLSSocket, wait_ready
 from .stream import MessageStream, PreparedMessage
 
 __all__ = ["Sender", "Progress"]
@@ -83,10 +85,10 @@ class Sender:
         #: Counters of this connection (see metrics.py for who writes which).
         self.metrics = ConnectionMetrics()
         self._sock = sock
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        # OpenSSL objects must not be entered by two threads at once; held only around
-        # one non-blocking SSL call, never while waiting.
-        self._tls_lock = threading.Lock() if self._tls else None
+        # OpenSSL objects must not be entered by two threads at once: TLS reads and
+        # writes go through the shared socket's lock, held only around one call.
+        self._tls_sock = SharedTLSSocket(sock) if isinstance(sock, ssl.SSLSocket) else None
+        self._tls = self._tls_sock is not None
         self._stream: Optional[MessageStream] = None
         # _lock: the stream's protocol state, _out, _queued and the close state. Short
         # sections only. _writer: held by the one thread writing to the socket.
@@ -312,22 +314,15 @@ class Sender:
 
     # Writing. Every method below that writes is called with _writer held.
 
-    def _wait(self, events: int, timeout: Optional[float]) -> bool:
-        """Wait until the socket is ready for ``events``; ``False`` on timeout."""
-        poller = select.poll()
-        poller.register(self._sock, events)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
-
     def _send_once(self, data: Union[bytes, memoryview]) -> Tuple[int, int]:
         """One non-blocking send: the bytes the socket took, and the poll event to wait
         for when it took none."""
-        tls_lock = self._tls_lock
+        tls_sock = self._tls_sock
         try:
-            if tls_lock is None:
+            if tls_sock is None:
                 n = self._sock.send(data, _MSG_DONTWAIT)
             else:
-                with tls_lock:
-                    n = self._sock.send(data)
+                n = tls_sock.send_nowait(data)
         except (BlockingIOError, ssl.SSLWantWriteError):
             return 0, _POLLOUT
         except ssl.SSLWantReadError:
@@ -350,7 +345,7 @@ class Sender:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 wait = left if wait is None else min(wait, left)
-            if (wait is not None and wait <= 0) or not self._wait(events, wait):
+            if (wait is not None and wait <= 0) or not wait_ready(self._sock, events, wait):
                 raise _WriteFailed("write timed out - client not reading")
 
     def _flush(self, deadline: Optional[float], *, blocking: bool) -> None:
