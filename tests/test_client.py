@@ -858,3 +858,124 @@ def test_wss_reads_and_writes_from_several_threads_at_once(tls: Any) -> None:
         assert echoes == {n: list(range(100)) for n in range(4)}
     finally:
         server.close(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_both_sides_writing_more_than_the_buffers_hold(scheme: str, request: Any) -> None:
+    """A handler pushes 16 MiB while another thread of the client sends 8 MiB: the
+    reader keeps taking pushes while that send waits for the server, so each side
+    ends up reading the other. (The reader used to wait for the sender's lock: nobody
+    read, and the server's write_timeout dropped the connection with 1006.)"""
+    server = make_server(write_timeout=TIMEOUT)
+    chunk = "p" * (256 << 10)
+
+    @server.route("flood")
+    def flood(ctx: Any, message: bytes) -> None:
+        for i in range(64):
+            ctx.send({"push": i, "pad": chunk})
+
+    ssl_options: Dict[str, Any] = {}
+    if scheme == "wss":
+        server_ctx, client_ctx = request.getfixturevalue("tls")
+        ssl_options = {"ssl_context": client_ctx}
+        server.start("127.0.0.1:0", ssl_context=server_ctx)
+    else:
+        server.start("127.0.0.1:0")
+    try:
+        with Client.connect(server.url, **ssl_options) as client:
+            client.send({"Route": "flood"})
+            errors: List[BaseException] = []
+
+            def sender() -> None:
+                try:
+                    for i in range(32):
+                        client.send({"Route": "echo", "Params": [i, chunk]})
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            thread = threading.Thread(target=sender)
+            thread.start()
+            pushes: List[int] = []
+            echoes: List[int] = []
+            started = time.monotonic()
+            for _ in range(64 + 32):
+                message = json.loads(client.receive(TIMEOUT))
+                if isinstance(message, dict):
+                    pushes.append(message["push"])
+                else:
+                    echoes.append(message[0])
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+            assert errors == []
+            # Far below write_timeout: nobody waited for it to run out.
+            assert time.monotonic() - started < TIMEOUT / 2
+        assert pushes == list(range(64))
+        assert echoes == list(range(32))
+    finally:
+        server.close(timeout=TIMEOUT)
+
+
+def test_ping_answered_after_the_frame_being_written() -> None:
+    """A Ping that comes while a send waits for the server: the message after it is
+    delivered at once, and the Pong goes out after the frame in progress, whole."""
+    sending = threading.Event()
+    delivered = threading.Event()
+    big = 8 << 20
+    seen: List[Tuple[int, bytes]] = []
+
+    def script(sock: socket.socket) -> None:
+        head = _read_exact(sock, 2)  # the big frame has started; read no more for now
+        sending.set()
+        sock.sendall(bytes([0x89, 2]) + b"hi" + bytes([0x81, 2]) + b"go")
+        assert delivered.wait(TIMEOUT), "the client stopped reading while it was sending"
+        assert head == bytes([0x82, 0xFF])  # binary, masked, 64-bit length
+        length = struct.unpack("!Q", _read_exact(sock, 8))[0]
+        mask = _read_exact(sock, 4)
+        _read_exact(sock, length)
+        seen.append((0x2, mask))
+        seen.append(read_client_frame(sock))  # the Pong, after the whole frame
+        sock.sendall(close_frame(1000))
+        seen.append(read_client_frame(sock))
+
+    listener_options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+    with raw_server(script, listener_options=listener_options) as url:
+        client = Client.connect(url, timeout=TIMEOUT)
+        thread = threading.Thread(target=client.send, args=(b"x" * big,))
+        thread.start()
+        assert sending.wait(TIMEOUT)
+        assert client.receive(TIMEOUT) == "go"
+        delivered.set()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        with pytest.raises(ConnectionClosed) as info:
+            client.receive(TIMEOUT)
+        assert info.value.code == 1000
+        client.close()
+    assert [opcode for opcode, _ in seen] == [0x2, 0xA, 0x8]
+    assert seen[1][1] == b"hi"
+
+
+def test_reader_gives_up_when_the_server_takes_no_pongs() -> None:
+    """The reader writes its pongs without blocking; when the server takes none of them
+    for ``timeout`` seconds, the client is dropped (1006), as a writer's send would be."""
+    ping = bytes([0x89, 125]) + b"p" * 125
+
+    def script(sock: socket.socket) -> None:
+        # Never reads: pings until the client hangs up.
+        try:
+            for _ in range(200_000):
+                sock.sendall(ping * 64)
+        except OSError:
+            return
+        raise AssertionError("the client kept answering a server that reads nothing")
+
+    listener_options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+    with raw_server(script, listener_options=listener_options) as url:
+        client = Client.connect(url, timeout=0.5)
+        with pytest.raises(ConnectionClosed) as info:
+            client.receive(TIMEOUT)
+        assert info.value.code == 1006
+        assert client.closed
+        with pytest.raises(ConnectionClosed):
+            client.send("more")
+        client.close()

@@ -29,10 +29,6 @@ ALLOWED_PRIVATE: Set[Tuple[str, str]] = {
     ("workers.py", "_exit"),
     # namedtuple's documented method (the underscore only keeps it from field names).
     ("backplane.py", "_replace"),
-    # The client extends simple-websocket's Client, whose reader thread and event
-    # handler are the extension points it has (it documents no public ones).
-    ("client.py", "_thread"),
-    ("client.py", "_handle_events"),
 }
 
 

@@ -25,7 +25,11 @@ or misread a reply:
 * writes hold a lock and use ``sendall``, so frames from two threads never interleave;
   on ``wss://`` every read and write also takes the TLS socket's own lock
   (:mod:`wsroute_sync.sharedtls`), because OpenSSL does not allow one connection to be
-  read and written at the same time, and writes are bounded by ``timeout`` there too.
+  read and written at the same time, and writes are bounded by ``timeout`` there too;
+* the reader thread (ours, not simple-websocket's) never waits for a writer: a send
+  waiting for the server to read does not stop the client reading, so both sides
+  writing more than the kernel buffers hold cannot wait for each other. Its pongs and
+  Close answers go out after the frame being written, without blocking.
 
 Requests and replies are paired by order: the server handles one message of a
 connection at a time and answers in order, and the envelope carries no request id.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import json
+import select
 import socket
 import ssl
 import struct
@@ -49,6 +54,8 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Ping,
+    Pong,
     RejectConnection,
     RejectData,
     Request,
@@ -58,7 +65,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .errors import ClientTimeout, ConnectionClosed, HandshakeRejected, RouteError
-from .sharedtls import SharedTLSSocket
+from .sharedtls import SharedTLSSocket, wait_for
 
 __all__ = ["Client", "Message", "is_error_envelope"]
 
@@ -66,6 +73,10 @@ __all__ = ["Client", "Message", "is_error_envelope"]
 Message = Union[str, bytes]
 HeadersArg = Union[Mapping[str, str], Sequence[Tuple[str, str]], None]
 
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+# The most the reader queues for a server that does not read (see _thread).
+_CONTROL_LIMIT = 64 << 10
 # A 64 KiB read takes a whole typical frame at once (simple-websocket reads 4 KiB).
 _RECV_SIZE = 65536
 # How much of a refusal's body is kept for the exception's text.
@@ -113,8 +124,10 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
     """simple-websocket's client with a bounded opening and a complete closing handshake.
 
     ``__init__`` and ``handshake`` replace the parent's, which cannot bound the connect,
-    keep only the status of a refusal and leave the socket open on failure; the reader
-    thread, ping answers and message reassembly are simple-websocket's own.
+    keep only the status of a refusal and leave the socket open on failure. ``_thread``
+    and ``_handle_events`` replace its reader, which wrote pongs and Close answers with
+    a blocking send from the reader thread, and so stopped reading whenever the server
+    did. simple-websocket's ``receive()`` and message queue are used as they are.
     """
 
     def __init__(
@@ -130,8 +143,23 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
         scheme = parts.scheme.lower()
         if scheme not in ("ws", "wss", "ws+unix"):
             raise ValueError(f"expected a ws://, wss:// or ws+unix:// URL, got {url!r}")
-        # Reentrant: closed_error() takes it, also from send_message() which holds it.
-        self.send_lock = threading.RLock()
+        # Two locks, so that the reader never waits for a writer: a writer waiting for
+        # the server to take its bytes must not stop us taking the server's, or both
+        # sides wait for each other when each writes more than the kernel buffers hold.
+        # _state: wsproto's state, the Close frames seen and _control; held briefly,
+        # never while waiting for the network. _writer: order on the wire; held for a
+        # whole write, so that frames from two threads never interleave.
+        self._state = threading.Lock()
+        self._writer = threading.Lock()
+        # The pongs and Close answers the reader made and nobody has written yet: a
+        # writer holding _writer writes them before it lets go; else the reader does,
+        # without blocking (see _reader_flush).
+        self._control = bytearray()
+        # The reader holds _writer while the server has not taken all of _control.
+        self._reader_writing = False
+        # While it does: when the server has taken nothing for ``timeout`` seconds.
+        self._stall_deadline: Optional[float] = None
+        self._fragments: List[Union[str, bytes, bytearray]] = []
         #: ``(code, reason)`` of the Close frame received / sent, once there is one.
         self.received: Optional[Tuple[int, str]] = None
         self.sent: Optional[Tuple[int, str]] = None
@@ -272,18 +300,176 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
         # them over now, or they would sit there until the next read (simple-websocket
         # only looks at the first event of its handshake read).
         self._closed_early = not self._handle_events()
+        try:
+            self._reader_flush()
+        except OSError:
+            pass  # the reader thread finds the connection lost
         # Base.__init__ refuses a connection that is not connected at this point: a
         # Close among those frames is acted on once the reader thread exists (__init__).
         self.connected = True
 
     def _thread(self) -> None:
+        """The reader: reads until the connection ends, and never waits for a writer."""
         try:
-            super()._thread()
+            while self.connected:
+                if self._reader_writing:
+                    # Our pong or Close waits for the server to take bytes: wait for
+                    # that or for input, whichever comes first, but not past the
+                    # deadline a writer would have.
+                    left = None
+                    if self._stall_deadline is not None:
+                        left = self._stall_deadline - time.monotonic()
+                        if left <= 0:
+                            self._fail((_ABNORMAL_CLOSURE, "send timed out"))
+                            break
+                    # Past _CONTROL_LIMIT, read nothing more until the server takes
+                    # some: a server that pings and never reads must not fill memory.
+                    events = _POLLOUT if len(self._control) > _CONTROL_LIMIT else (
+                        _POLLIN | _POLLOUT)
+                    ready = wait_for(self.sock, events, left)
+                    if ready & _POLLOUT:
+                        self._reader_flush()
+                    if not ready & ~_POLLOUT:
+                        continue
+                data = self.sock.recv(self.receive_bytes)
+                if not data:
+                    break
+                with self._state:
+                    self.ws.receive_data(data)
+                keep_going = self._handle_events()
+                self._reader_flush()
+                if not keep_going:
+                    self._write_close_answer()
+                    break
+        except (OSError, LocalProtocolError):
+            pass  # the connection is lost: reported as 1006 unless a Close came
         finally:
             # However the reader ends (even by a bug), nobody may wait for it forever.
             self.connected = False
             self.event.set()
+            if self._reader_writing:
+                self._reader_writing = False
+                self._writer.release()
             self.sock.close()
+
+    def _handle_events(self) -> bool:
+        """Act on what wsproto parsed: whole messages go to ``receive()``, pings and the
+        server's Close are answered (RFC 6455 5.5.1), queued in ``_control``. Returns
+        ``False`` once the connection is closing."""
+        with self._state:
+            try:
+                for event in self.ws.events():
+                    if isinstance(event, (TextMessage, BytesMessage)):
+                        self._add_fragment(event.data, event.message_finished)
+                    elif isinstance(event, Ping):
+                        self._control += self.ws.send(event.response())
+                    elif isinstance(event, Pong):
+                        self.pong_received = True
+                    elif isinstance(event, CloseConnection):
+                        self._closing(event)
+                        return False
+            except LocalProtocolError:
+                self.connected = False
+                self.event.set()
+                return False
+        return True
+
+    def _add_fragment(self, data: Union[str, bytes, bytearray], finished: bool) -> None:
+        # wsproto hands text over as str, split only between whole characters.
+        if not finished:
+            self._fragments.append(data)
+            return
+        if self._fragments:
+            self._fragments.append(data)
+            if isinstance(data, str):
+                data = "".join(self._fragments)  # type: ignore[arg-type]
+            else:
+                data = b"".join(self._fragments)  # type: ignore[arg-type]
+            self._fragments = []
+        self.input_buffer.append(bytes(data) if isinstance(data, bytearray) else data)
+        self.event.set()
+
+    def _closing(self, event: CloseConnection) -> None:
+        """A Close came, or wsproto found a protocol error (the caller holds _state)."""
+        self.close_reason = event.code
+        self.close_message = event.reason
+        state = self.ws.state
+        if state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
+            self.received = (int(event.code), event.reason or "")
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The server's Close: answer it, echoing its code (an empty Close, "1005 no
+            # status", is answered with an empty one).
+            self._control += self.ws.send(CloseConnection(code=event.code, reason=""))
+        elif state is ConnectionState.OPEN:
+            # wsproto found a protocol error (1002, 1007): fail the connection.
+            code, reason = int(event.code), event.reason or ""
+            self._control += self.ws.send(CloseConnection(code=code, reason=reason))
+            self.sent = (code, reason)
+        self.connected = False
+        self.event.set()
+
+    def _reader_flush(self) -> None:
+        """Write ``_control`` without blocking, if no writer holds the wire (a writer
+        writes it before it lets go); what the server cannot take yet stays queued,
+        and the reader keeps the wire until it has taken it."""
+        with self._state:
+            if not self._control:
+                return
+            if not self._reader_writing:
+                # Tried under _state, where a writer checks _control a last time before
+                # it lets go: either it sees these bytes, or this finds the wire free.
+                if not self._writer.acquire(blocking=False):
+                    return
+                self._reader_writing = True
+                self._stall_deadline = None
+        # Only the reader adds to _control, and it holds the wire: nobody else
+        # touches the buffer until it lets go.
+        while self._control:
+            try:
+                sent = self._send_nowait(self._control)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                if self._stall_deadline is None and self._timeout is not None:
+                    self._stall_deadline = time.monotonic() + self._timeout
+                return
+            del self._control[:sent]
+            self._stall_deadline = None  # progress: the server is reading
+        with self._state:
+            self._reader_writing = False
+            self._writer.release()
+
+    def _send_nowait(self, data: bytearray) -> int:
+        if isinstance(self.sock, SharedTLSSocket):
+            return self.sock.send_nowait(data)
+        sent: int = self.sock.send(data, socket.MSG_DONTWAIT)
+        return sent
+
+    def _write_close_answer(self) -> None:
+        """Make sure the Close answer is written before the reader hangs up."""
+        if not self._reader_writing:
+            if not self._writer.acquire(timeout=-1 if self._timeout is None else self._timeout):
+                return  # a writer stuck for that long: the server is not reading
+            self._reader_writing = True
+        with self._state:
+            out = bytes(self._control)
+            self._control.clear()
+        if out:
+            self.sock.sendall(out)
+
+    def _release_writer(self, flush: bool = True) -> None:
+        """Let go of the wire, first writing the control frames the reader queued while
+        it was held (``flush=False`` when the stream is broken)."""
+        while True:
+            with self._state:
+                if not flush or not self._control:
+                    self._writer.release()
+                    return
+                out = bytes(self._control)
+                self._control.clear()
+            try:
+                self.sock.sendall(out)
+            except OSError:
+                flush = False
+                self.abort()
 
     @staticmethod
     def _reject(event: RejectConnection, body: bytes) -> None:
@@ -291,58 +477,45 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
         reason = body.decode("utf-8", "replace").strip()
         raise HandshakeRejected(event.status_code, reason, headers=headers)
 
-    def _handle_events(self) -> bool:
-        """simple-websocket's event handling, with writes under the lock, Close answered."""
-        with self.send_lock:
-            keep_going: bool = super()._handle_events()
-            state = self.ws.state
-            if self.received is None and state in (
-                ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED
-            ):
-                self.received = (int(self.close_reason), self.close_message or "")
-            if state is ConnectionState.REMOTE_CLOSING:
-                # RFC 6455 5.5.1: answer the Close, echoing its code (an empty Close,
-                # "1005 no status", is answered with an empty one).
-                self._send_close(self.close_reason, "")
-            elif not keep_going and state is ConnectionState.OPEN:
-                # wsproto found a protocol error (1002, 1007): fail the connection.
-                code, reason = int(self.close_reason), self.close_message or ""
-                self._send_close(code, reason)
-                self.sent = (code, reason)
-        return keep_going
-
-    def _send_close(self, code: int, reason: str) -> bool:
-        """Write a Close frame (the caller holds ``send_lock``); ``False`` if it failed."""
-        try:
-            self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason)))
-        except (OSError, LocalProtocolError):
-            return False
-        return True
-
     def send_message(self, data: Message) -> None:
         """Send a data frame; raises the library's ConnectionClosed once closed."""
         event = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
-        with self.send_lock:
-            if not self.connected or self.ws.state is not ConnectionState.OPEN:
+        # Whoever holds the wire gives it up once the server takes nothing for
+        # ``timeout`` seconds: a writer by its write deadline, the reader by its own.
+        self._writer.acquire()
+        flush = False
+        try:
+            with self._state:
+                out = None
+                if self.connected and self.ws.state is ConnectionState.OPEN:
+                    # The reader's answers were made first: they go first.
+                    out = bytes(self._control) + self.ws.send(event)
+                    self._control.clear()
+            if out is None:
                 raise self.closed_error()
-            try:
-                self.sock.sendall(self.ws.send(event))
-            except (BlockingIOError, socket.timeout):
-                # SO_SNDTIMEO ran out mid-frame: the stream is broken, drop it (and
-                # write nothing more, not even a Close).
-                self.sent = (_ABNORMAL_CLOSURE, "send timed out")
-                self.connected = False
-                self.event.set()
-                self.abort()
-                raise ClientTimeout(
-                    f"the server took nothing for {self._timeout}s; the client is closed"
-                ) from None
-            except OSError as exc:
-                # The peer is gone (reset, broken pipe).
-                self.connected = False
-                self.event.set()
-                self.abort()
-                raise ConnectionClosed(_ABNORMAL_CLOSURE, f"send failed: {exc}") from None
+            self.sock.sendall(out)
+            flush = True
+        except (BlockingIOError, socket.timeout):
+            # The write deadline ran out mid-frame: the stream is broken, drop it (and
+            # write nothing more, not even a Close).
+            self._fail((_ABNORMAL_CLOSURE, "send timed out"))
+            raise ClientTimeout(
+                f"the server took nothing for {self._timeout}s; the client is closed"
+            ) from None
+        except OSError as exc:
+            # The peer is gone (reset, broken pipe).
+            self._fail(None)
+            raise ConnectionClosed(_ABNORMAL_CLOSURE, f"send failed: {exc}") from None
+        finally:
+            self._release_writer(flush)
+
+    def _fail(self, sent: Optional[Tuple[int, str]]) -> None:
+        if sent is not None:
+            with self._state:
+                self.sent = sent
+        self.connected = False
+        self.event.set()
+        self.abort()
 
     def closed_error(self) -> ConnectionClosed:
         """The exception for a connection that is closing or closed.
@@ -350,7 +523,7 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
         The code is the one of the Close frame received; else the one we sent; else 1006
         (RFC 6455 7.1.5: the connection was lost without a Close frame).
         """
-        with self.send_lock:  # _handle_events may be recording the Close right now
+        with self._state:  # the reader may be recording the Close right now
             frame = self.received or self.sent
         if frame is not None:
             return ConnectionClosed(*frame)
@@ -358,19 +531,32 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
 
     def start_close(self, code: int, reason: str, lock_timeout: Optional[float]) -> None:
         """Send our Close; the reader thread ends when the server answers and hangs up."""
-        if not self.send_lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
+        if not self._writer.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
             # Another thread is stuck writing: the server is not reading, drop it.
             self.abort()
             return
+        flush = False
         try:
-            if self.connected and self.ws.state is ConnectionState.OPEN:
-                if self._send_close(code, reason):
-                    self.sent = (code, reason)
+            with self._state:
+                out = None
+                if self.connected and self.ws.state is ConnectionState.OPEN:
+                    out = bytes(self._control) + self.ws.send(
+                        CloseConnection(code=code, reason=reason))
+                    self._control.clear()
+            if out is not None:
+                try:
+                    self.sock.sendall(out)
+                except OSError:
+                    pass
+                else:
+                    flush = True
+                    with self._state:
+                        self.sent = (code, reason)
                     return
             if self.ws.state is not ConnectionState.LOCAL_CLOSING:
                 self.abort()  # nothing to wait for: make sure the reader thread ends
         finally:
-            self.send_lock.release()
+            self._release_writer(flush)
 
     def abort(self) -> None:
         """Drop the TCP connection; wakes the reader thread out of its ``recv``."""

@@ -12,7 +12,7 @@ both sides write more than the kernel buffers hold, each keeps reading the other
 
 The server's connections (:mod:`wsroute_sync.sender`, :mod:`wsroute_sync.connection`)
 and the client use it for every TLS socket. Ordering whole frames among several writers
-is the caller's business (the server's ``_writer``, the client's ``send_lock``).
+is the caller's business (the server's and the client's ``_writer`` locks).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Optional, Union
 
-__all__ = ["SharedTLSSocket", "wait_ready"]
+__all__ = ["SharedTLSSocket", "wait_for", "wait_ready"]
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -35,12 +35,19 @@ def wait_ready(sock: Any, events: int, timeout: Optional[float]) -> bool:
     """Wait until ``sock`` (a socket or a file descriptor) is ready for the ``poll``
     ``events``; ``False`` if ``timeout`` seconds (``None``: no limit) ran out first.
     A closed socket raises ``OSError``."""
+    return bool(wait_for(sock, events, timeout))
+
+
+def wait_for(sock: Any, events: int, timeout: Optional[float] = None) -> int:
+    """:func:`wait_ready`, returning what ``poll`` reported (``POLLIN``, ``POLLOUT``,
+    ``POLLHUP``, ...), 0 if ``timeout`` ran out."""
     fd = sock if isinstance(sock, int) else sock.fileno()
     if fd < 0:
         raise OSError("socket closed")
     poller = select.poll()
     poller.register(fd, events)
-    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+    return ready[0][1] if ready else 0
 
 
 class SharedTLSSocket:
