@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import shutil
@@ -979,3 +980,76 @@ def test_reader_gives_up_when_the_server_takes_no_pongs() -> None:
         with pytest.raises(ConnectionClosed):
             client.send("more")
         client.close()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_client_under_contention_against_python_websockets(scheme: str, request: Any) -> None:
+    """Four threads send while python-websockets' server pushes and pings: it parses
+    every frame the client writes, so a pong or Close cut into a data frame, or a
+    frame torn in two, fails the connection there. Every message arrives, in order,
+    every ping is answered, and the close is clean."""
+    from websockets.sync.server import ServerConnection as WSServerConnection, serve
+
+    chunk = "q" * (64 << 10)
+    senders, per_sender, pushes = 4, 40, 120
+    seen: Dict[int, List[int]] = {n: [] for n in range(senders)}
+    answered: List[bool] = []
+    errors: List[BaseException] = []
+
+    def handler(ws: WSServerConnection) -> None:
+        def pusher() -> None:
+            try:
+                pongs = []
+                for i in range(pushes):
+                    ws.send(json.dumps({"push": i, "pad": chunk}))
+                    if i % 10 == 0:
+                        pongs.append(ws.ping(str(i)))
+                answered.extend(pong.wait(TIMEOUT) for pong in pongs)
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+        thread = threading.Thread(target=pusher)
+        thread.start()
+        for _ in range(senders * per_sender):
+            n, i, _pad = json.loads(ws.recv(TIMEOUT))
+            seen[n].append(i)
+        thread.join(TIMEOUT)
+        ws.send("done")
+        for _ in ws:  # until the client's Close
+            pass
+
+    ssl_options: Dict[str, Any] = {}
+    server_ssl = None
+    if scheme == "wss":
+        server_ssl, client_ctx = request.getfixturevalue("tls")
+        ssl_options = {"ssl_context": client_ctx}
+    with serve(handler, "127.0.0.1", 0, ssl=server_ssl, max_size=None) as ws_server:
+        thread = threading.Thread(target=ws_server.serve_forever)
+        thread.start()
+        try:
+            port = ws_server.socket.getsockname()[1]
+            with Client.connect(f"{scheme}://127.0.0.1:{port}/", **ssl_options) as client:
+
+                def sender(n: int) -> None:
+                    for i in range(per_sender):
+                        client.send([n, i, chunk])
+
+                threads = [threading.Thread(target=sender, args=(n,)) for n in range(senders)]
+                for each in threads:
+                    each.start()
+                got = [json.loads(client.receive(TIMEOUT))["push"] for _ in range(pushes)]
+                assert client.receive(TIMEOUT) == "done"
+                for each in threads:
+                    each.join(TIMEOUT)
+                assert not any(each.is_alive() for each in threads)
+            assert client.close_code == 1000
+        finally:
+            ws_server.shutdown()
+            thread.join(TIMEOUT)
+    # serve_forever leaves its selector (an epoll fd) in a reference cycle: collect it,
+    # or the fd check after the test counts it as ours.
+    gc.collect()
+    assert errors == []
+    assert got == list(range(pushes))
+    assert seen == {n: list(range(per_sender)) for n in range(senders)}
+    assert answered == [True] * len(range(0, pushes, 10))
