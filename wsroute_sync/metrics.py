@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 __all__ = [
@@ -80,8 +81,9 @@ class Totals:
             if total is None:
                 self.latency[route] = row
             else:
-                for i, value in enumerate(row):
-                    total[i] += value
+                # Element-wise in C: a Python loop over the 18 entries was a tenth of
+                # the interpreter's work for a short connection.
+                total[:] = map(operator.add, total, row)
 
     def snapshot(self, live: Iterable[ConnectionMetrics]) -> "Totals":
         """These totals plus the live connections' numbers, as a new object."""
