@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import http
 import re
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs
 
 __all__ = [
@@ -30,23 +30,39 @@ class Headers:
     field values are octets; Latin-1 maps each one to a code point and back losslessly).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_index")
 
     def __init__(self, items: Iterable[Tuple[str, str]] = ()) -> None:
         self._items: List[Tuple[str, str]] = [(k.lower(), v) for k, v in items]
+        # name -> its values, made on the first look-up (the upgrade checks make ~10).
+        self._index: Optional[Dict[str, List[str]]] = None
+
+    def _lookup(self) -> Dict[str, List[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for key, value in self._items:
+                if key in index:
+                    index[key].append(value)
+                else:
+                    index[key] = [value]
+            self._index = index
+        return index
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         """The first value of ``name``, or ``default``."""
-        name = name.lower()
-        for key, value in self._items:
-            if key == name:
-                return value
-        return default
+        index = self._index
+        if index is None:
+            index = self._lookup()
+        values = index.get(name.lower())
+        return default if values is None else values[0]
 
     def get_all(self, name: str) -> List[str]:
         """Every value of ``name``, in order."""
-        name = name.lower()
-        return [value for key, value in self._items if key == name]
+        index = self._index
+        if index is None:
+            index = self._lookup()
+        return list(index.get(name.lower(), ()))
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -55,7 +71,10 @@ class Headers:
         return value
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        index = self._index
+        if index is None:
+            index = self._lookup()
+        return isinstance(name, str) and name.lower() in index
 
     def __iter__(self) -> Iterator[str]:
         return (key for key, _ in self._items)
@@ -122,6 +141,16 @@ _FIELD_LINE = re.compile(
     rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)[ \t]*"
 )
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+# The same grammar over a whole head (decoded as Latin-1): one match and one findall
+# instead of a match per line. parse_request_head takes it for the common head and
+# leaves everything else, errors included, to the line-by-line checks.
+_T = _TOKEN.decode("ascii")
+_VALUE = r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*"
+_HEAD = re.compile(
+    r"(" + _T + r") ([\x21-\x7e]+) HTTP/1\.([01])\r?\n"
+    r"((?:" + _T + r":[ \t]*(?:" + _VALUE + r")?[ \t]*\r?\n)*)\r?\n"
+)
+_FIELD = re.compile(r"(" + _T + r"):[ \t]*((?:" + _VALUE + r")?)[ \t]*\r?\n")
 _DIGITS = re.compile(rb"[0-9]+")
 #: h11's bound on a Content-Length (20 digits, just over 2**64).
 _CONTENT_LENGTH_MAX_DIGITS = 20
@@ -173,6 +202,22 @@ def parse_request_head(
     except for three refusals (obsolete line folding, control characters in a field
     value, bytes after the first blank line); ``tests/test_http.py`` compares the two.
     """
+    match = _HEAD.fullmatch(head.decode("latin-1"))
+    if match is not None:
+        method, target, minor, fields = match.groups()
+        headers = Headers(_FIELD.findall(fields))
+        hosts = len(headers.get_all("host"))
+        # A length or a coding to check, or a Host missing or repeated: the long way.
+        if (hosts == 1 or (hosts == 0 and minor == "0")) and (
+                "content-length" not in headers and "transfer-encoding" not in headers):
+            return HTTPRequest(method=method, target=target, headers=headers,
+                               http_version="1." + minor, remote_address=remote_address)
+    return _parse_line_by_line(head, remote_address)
+
+
+def _parse_line_by_line(head: bytes, remote_address: Optional[Tuple[str, int]]
+                        ) -> HTTPRequest:
+    """:func:`parse_request_head` for any head: each check, with its error."""
     check_request_start(head)
     # RFC 9112 2.2: a recipient may take a bare LF as a line end; a bare CR is invalid
     # (the patterns below refuse it).
