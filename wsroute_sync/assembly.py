@@ -66,10 +66,10 @@ def _utf8_decoder() -> codecs.IncrementalDecoder:
 _IDLE_DECODER = _utf8_decoder()
 
 
-def _pure_wsproto_requested() -> bool:
-    # A switch for diagnosis and for measuring what the fast path buys: with it set,
-    # every frame goes through wsproto's own parser and serialiser.
-    return os.environ.get("WSROUTE_SYNC_PURE_WSPROTO", "") not in ("", "0")
+# A switch for diagnosis and for measuring what the fast path buys: with it set (in the
+# environment the process starts with), every frame goes through wsproto's own parser
+# and serialiser. Read once: a look-up per connection cost more than its stream's set-up.
+_PURE_WSPROTO = os.environ.get("WSROUTE_SYNC_PURE_WSPROTO", "") not in ("", "0")
 
 
 class MessageAssembler:
@@ -98,7 +98,7 @@ class MessageAssembler:
         self._parts: List[Any] = []  # wsproto's pieces of a message (its path only)
         self._size = 0  # bytes of the message being received so far
         self._text = False
-        pure = _pure_wsproto_requested()
+        pure = _PURE_WSPROTO
         # Frames are sent, and single frames decoded, here when no extension is in use.
         self._fast = not extensions and not pure
         # Compressed messages are inflated here when the negotiated permessage-deflate
