@@ -236,6 +236,8 @@ class PendingHandshakes:
     def expire(self) -> None:
         """Answer 408 to heads past ``handshake_timeout`` (close TLS handshakes that never
         finished) and close refused sockets whose linger is over."""
+        if not self._pending and not self._lingering:
+            return  # the usual case, after each wake-up of a loop that keeps up
         now = self._clock()
         # Both are in deadline order: the expired ones come first (copied, then closed).
         for waiting in list(itertools.takewhile(lambda w: w.deadline <= now, self._pending)):
