@@ -34,35 +34,19 @@ class Headers:
 
     def __init__(self, items: Iterable[Tuple[str, str]] = ()) -> None:
         self._items: List[Tuple[str, str]] = [(k.lower(), v) for k, v in items]
-        # name -> its values, made on the first look-up (the upgrade checks make ~10).
-        self._index: Optional[Dict[str, List[str]]] = None
-
-    def _lookup(self) -> Dict[str, List[str]]:
-        index = self._index
-        if index is None:
-            index = {}
-            for key, value in self._items:
-                if key in index:
-                    index[key].append(value)
-                else:
-                    index[key] = [value]
-            self._index = index
-        return index
+        # name -> its values: the upgrade checks make ~10 look-ups per request.
+        self._index: Dict[str, List[str]] = {}
+        for key, value in self._items:
+            self._index.setdefault(key, []).append(value)
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         """The first value of ``name``, or ``default``."""
-        index = self._index
-        if index is None:
-            index = self._lookup()
-        values = index.get(name.lower())
+        values = self._index.get(name.lower())
         return default if values is None else values[0]
 
     def get_all(self, name: str) -> List[str]:
         """Every value of ``name``, in order."""
-        index = self._index
-        if index is None:
-            index = self._lookup()
-        return list(index.get(name.lower(), ()))
+        return list(self._index.get(name.lower(), ()))
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -71,10 +55,7 @@ class Headers:
         return value
 
     def __contains__(self, name: object) -> bool:
-        index = self._index
-        if index is None:
-            index = self._lookup()
-        return isinstance(name, str) and name.lower() in index
+        return isinstance(name, str) and name.lower() in self._index
 
     def __iter__(self) -> Iterator[str]:
         return (key for key, _ in self._items)
