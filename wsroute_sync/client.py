@@ -450,10 +450,26 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
                 return  # a writer stuck for that long: the server is not reading
             self._reader_writing = True
         with self._state:
-            out = bytes(self._control)
-            self._control.clear()
+            out = self._take_control()
         if out:
             self.sock.sendall(out)
+
+    def _take_control(self) -> bytes:
+        """The queued pongs and Close answers, now the caller's to write (under _state)."""
+        out = bytes(self._control)
+        self._control.clear()
+        return out
+
+    def _frame_behind_control(self, event: Union[TextMessage, BytesMessage, CloseConnection]
+                              ) -> Optional[bytes]:
+        """The frame for ``event`` behind the queued control frames (they were made
+        first, so they go first); ``None`` once the connection is closing. The caller
+        holds _writer, so the bytes go out in this order."""
+        with self._state:
+            if not self.connected or self.ws.state is not ConnectionState.OPEN:
+                return None
+            frame: bytes = self.ws.send(event)
+            return self._take_control() + frame
 
     def _release_writer(self, flush: bool = True) -> None:
         """Let go of the wire, first writing the control frames the reader queued while
@@ -463,8 +479,7 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
                 if not flush or not self._control:
                     self._writer.release()
                     return
-                out = bytes(self._control)
-                self._control.clear()
+                out = self._take_control()
             try:
                 self.sock.sendall(out)
             except OSError:
@@ -485,12 +500,7 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
         self._writer.acquire()
         flush = False
         try:
-            with self._state:
-                out = None
-                if self.connected and self.ws.state is ConnectionState.OPEN:
-                    # The reader's answers were made first: they go first.
-                    out = bytes(self._control) + self.ws.send(event)
-                    self._control.clear()
+            out = self._frame_behind_control(event)
             if out is None:
                 raise self.closed_error()
             self.sock.sendall(out)
@@ -537,12 +547,7 @@ class _Transport(simple_websocket.Client):  # type: ignore[misc]
             return
         flush = False
         try:
-            with self._state:
-                out = None
-                if self.connected and self.ws.state is ConnectionState.OPEN:
-                    out = bytes(self._control) + self.ws.send(
-                        CloseConnection(code=code, reason=reason))
-                    self._control.clear()
+            out = self._frame_behind_control(CloseConnection(code=code, reason=reason))
             if out is not None:
                 try:
                     self.sock.sendall(out)
