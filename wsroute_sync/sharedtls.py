@@ -94,9 +94,7 @@ class SharedTLSSocket:
                     events = _POLLIN
                 except ssl.SSLWantWriteError:  # TLS must write before it can read
                     events = _POLLOUT
-            left = None if deadline is None else deadline - time.monotonic()
-            if (left is not None and left <= 0) or not wait_ready(self._sock, events, left):
-                raise socket.timeout("read timed out")
+            self._wait(events, deadline, "read")
 
     def send_nowait(self, data: _Data) -> int:
         """One non-blocking write: the bytes taken. Raises ``ssl.SSLWantWriteError``
@@ -117,9 +115,14 @@ class SharedTLSSocket:
                 events = _POLLOUT
             except ssl.SSLWantReadError:
                 events = _POLLIN
-            left = None if deadline is None else deadline - time.monotonic()
-            if (left is not None and left <= 0) or not wait_ready(self._sock, events, left):
-                raise socket.timeout("write timed out")
+            self._wait(events, deadline, "write")
+
+    def _wait(self, events: int, deadline: Optional[float], what: str) -> None:
+        """Wait, with the lock released, until the socket is ready for ``events``;
+        ``socket.timeout`` once ``deadline`` (``None``: none) has passed."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if (left is not None and left <= 0) or not wait_ready(self._sock, events, left):
+            raise socket.timeout(f"{what} timed out")
 
     def send(self, data: _Data) -> int:
         """Writes all of ``data`` (a TLS record cannot be taken back half-written)."""
