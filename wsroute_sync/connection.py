@@ -90,6 +90,12 @@ class ServerConnection(Sender):
     rooms: FrozenSet[str] = frozenset()
     _rooms_lock = threading.Lock()
 
+    # See Sender's. "rooms" is not one: its instance value, once set, goes in __dict__.
+    __slots__ = (
+        "server", "remote_address", "request", "identity", "subprotocol", "values",
+        "opened_at", "thread", "_running", "_rest", "_read_timeout",
+    )
+
     def __init__(
         self,
         owner: ConnectionOwner,

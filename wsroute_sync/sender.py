@@ -26,6 +26,7 @@ replies, a handler's ``ctx.send``, a broadcast, ``close()``), so:
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import select
 import socket
@@ -76,6 +77,13 @@ class Sender:
     Nothing can be sent until :meth:`_start` has written the 101 that opens the stream.
     """
 
+    # Slots: with its subclass's, more attributes than an instance keeps without a dict
+    # of its own (~1.5 KiB a connection). "__dict__", made when first used, takes others.
+    __slots__ = ("id", "close_code", "close_reason", "metrics", "_sock", "_tls_sock", "_tls",
+                 "_stream", "_lock", "_writer", "_out", "_out_offset", "_queued", "_written",
+                 "_closing", "_broken", "_finished", "_closed_event", "_logger",
+                 "_write_timeout", "__dict__", "__weakref__")
+
     def __init__(self, sock: socket.socket, connection_id: str, *, logger: Any,
                  write_timeout: Optional[float]) -> None:
         self.id = connection_id
@@ -94,7 +102,7 @@ class Sender:
         # sections only. _writer: held by the one thread writing to the socket.
         self._lock = threading.Lock()
         self._writer = threading.Lock()
-        self._out: Deque[bytes] = collections.deque()
+        self._out: Optional[Deque[bytes]] = None  # frames waiting for _writer: _queue
         self._out_offset = 0  # bytes of _out[0] already written
         # Bytes of frames encoded so far, and bytes written: a frame is out once
         # _written reaches the _queued value it was given (its "ticket").
@@ -168,7 +176,7 @@ class Sender:
                 direct = False
                 writer.release()
             if not direct:
-                self._out.append(frame)
+                self._queue().append(frame)
         if not direct:
             return self.progress(ticket), ticket
         try:
@@ -178,7 +186,7 @@ class Sender:
             n = len(frame)
         if n < len(frame):
             with self._lock:  # the rest goes before frames queued meanwhile (encoded later)
-                self._out.appendleft(frame)
+                self._queue().appendleft(frame)
                 self._out_offset = n
         self._release_writer()
         if self._written >= ticket:
@@ -214,10 +222,8 @@ class Sender:
         """Drop the TCP connection now; wakes this connection's thread and its writers."""
         self._broken = True
         self._mark_closing()
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def drop(self, why: str) -> None:
         """Drop a client that cannot take our data (a write failed or timed out), now,
@@ -228,12 +234,8 @@ class Sender:
         self._logger.info("connection %s: %s; dropping it", self.id, why)
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, why
-        try:
-            # It will not read what is queued for it either: close with RST, so the
-            # kernel frees that memory now.
+        with contextlib.suppress(OSError):  # linger 0: close() sends RST
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
         self.abort()
 
     # Opening and closing.
@@ -275,7 +277,7 @@ class Sender:
             event = self._closed_event
             ticket: Optional[int] = None
             if frame:
-                self._out.append(frame)
+                self._queue().append(frame)
                 self._queued += len(frame)
                 ticket = self._queued
                 if self.close_code is None:
@@ -307,16 +309,21 @@ class Sender:
         try:
             with self._lock:
                 self._finished = True
-                self._out.clear()
+                self._out = None
             self._sock.close()
         finally:
             writer.release()
 
+    def _queue(self) -> Deque[bytes]:
+        """``_out``, made on first use (an empty deque is ~760 bytes); ``_lock`` held."""
+        if self._out is None:
+            self._out = collections.deque()
+        return self._out
+
     # Writing. Every method below that writes is called with _writer held.
 
     def _send_once(self, data: Union[bytes, memoryview]) -> Tuple[int, int]:
-        """One non-blocking send: the bytes the socket took, and the poll event to wait
-        for when it took none."""
+        """One non-blocking send: the bytes taken, and the poll event to wait for if none."""
         tls_sock = self._tls_sock
         try:
             if tls_sock is None:
@@ -350,9 +357,9 @@ class Sender:
 
     def _flush(self, deadline: Optional[float], *, blocking: bool) -> None:
         """Write the queued frames, in order (all of them, unless non-blocking)."""
-        out = self._out
         while True:
             with self._lock:
+                out = self._out
                 if not out:
                     return
                 if self._broken:
@@ -413,7 +420,7 @@ class Sender:
                 self._queued += len(frame)
                 queued = bool(self._out)
                 if queued:
-                    self._out.append(frame)
+                    self._queue().append(frame)
             if queued:
                 self._flush(deadline, blocking=True)
             else:
@@ -467,7 +474,7 @@ class Sender:
                 except LocalProtocolError:
                     return True  # closing: no more pings or pongs, nothing is wrong
                 self._queued += len(frame)
-                self._out.append(frame)
+                self._queue().append(frame)
             self._flush(None, blocking=True)
             return True
         except _WriteFailed as exc:
