@@ -45,7 +45,7 @@ def test_binary_request_gets_binary_reply(server: Server) -> None:
 
 
 def test_messages_of_every_size_across_read_boundaries(server: Server) -> None:
-    # Reads go into a 2 KiB buffer, grow while they come back full, and shrink again:
+    # Reads go into a 1 KiB buffer, grow while they come back full, and shrink again:
     # frames that end exactly at, straddle, or dwarf a read must all arrive whole.
     prefix = b'{"Route":"echo","Params":'
 
@@ -56,8 +56,10 @@ def test_messages_of_every_size_across_read_boundaries(server: Server) -> None:
         return envelope[len(prefix):-1].decode()
 
     with RawClient.connect(server.address) as client:
-        # Frame sizes (header 8 bytes from 126 on): 2048 exactly, one more, one less...
-        for size in (2040, 2041, 2039, 2048, 300_000, 40, 4096, 2040):
+        # Frame sizes (header 8 bytes from 126 on): 1024 exactly, one more, one less,
+        # then the same around 2048 (the fast path's largest frame) and 4096...
+        for size in (1016, 1017, 1015, 1024, 2040, 2041, 2039, 2048, 300_000, 40, 4096,
+                     4088, 1016):
             client.send_frame(OP_TEXT, request(size))
             assert client.recv_text() == reply(request(size)), size
         # Many frames in one write: the first read ends inside a frame.
