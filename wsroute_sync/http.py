@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import http
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs
 
 __all__ = [
@@ -34,19 +34,34 @@ class Headers:
 
     def __init__(self, items: Iterable[Tuple[str, str]] = ()) -> None:
         self._items: List[Tuple[str, str]] = [(k.lower(), v) for k, v in items]
-        # name -> its values: the upgrade checks make ~10 look-ups per request.
-        self._index: Dict[str, List[str]] = {}
+        # name -> its value, or its values when repeated: the upgrade checks make ~10
+        # look-ups per request, and a list per name would cost every idle connection
+        # ~70 bytes a header.
+        index: Dict[str, Union[str, List[str]]] = {}
         for key, value in self._items:
-            self._index.setdefault(key, []).append(value)
+            seen = index.get(key)
+            if seen is None:
+                index[key] = value
+            elif type(seen) is str:
+                index[key] = [seen, value]
+            else:
+                assert isinstance(seen, list)
+                seen.append(value)
+        self._index = index
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         """The first value of ``name``, or ``default``."""
         values = self._index.get(name.lower())
-        return default if values is None else values[0]
+        if values is None:
+            return default
+        return values if type(values) is str else values[0]
 
     def get_all(self, name: str) -> List[str]:
         """Every value of ``name``, in order."""
-        return list(self._index.get(name.lower(), ()))
+        values = self._index.get(name.lower())
+        if values is None:
+            return []
+        return [values] if type(values) is str else list(values)
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
