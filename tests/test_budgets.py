@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import pathlib
 import socket
 import ssl
 import subprocess
@@ -77,29 +79,19 @@ IDLE_CONNECTION_BYTES = 12 * 1024
 # Run in a process of its own, so that the client's memory is not counted: connects,
 # has one echo answered on each connection, says HELD and holds until stdin closes.
 _HOLDER = r"""
-import socket, sys
+import sys
+from rawclient import RawClient
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-payload = b'{"Route":"echo","Params":"idle"}'
-frame = bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
-socks = []
+clients = []
 for _ in range(n):
-    sock = socket.create_connection((host, port), timeout=30)
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port))
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
-    assert data.startswith(b"HTTP/1.1 101"), data
-    sock.sendall(frame)
-    data = data.split(b"\r\n\r\n", 1)[1]
-    while len(data) < 2 + len(b'"idle"'):
-        data += sock.recv(4096)
-    assert data == b"\x81\x06" + b'"idle"', data
-    socks.append(sock)
+    client = RawClient.connect((host, port))
+    client.send_text('{"Route":"echo","Params":"idle"}')
+    assert client.recv_text() == '"idle"'
+    clients.append(client)
 print("HELD", n, flush=True)
 sys.stdin.read()
 """
+_TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def test_an_idle_connection_keeps_little_python_memory() -> None:
@@ -118,16 +110,17 @@ def test_an_idle_connection_keeps_little_python_memory() -> None:
             holder = subprocess.Popen(
                 [sys.executable, "-c", _HOLDER, host, str(port), str(HELD)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [str(_TESTS), str(_TESTS.parent)])},
             )
+            assert holder.stdout is not None and holder.stdin is not None
             try:
-                assert holder.stdout is not None and holder.stdin is not None
                 assert holder.stdout.readline().split() == ["HELD", str(HELD)]
                 assert _wait_for(lambda: server.active_connections == HELD)
                 gc.collect()
                 per_connection = (tracemalloc.get_traced_memory()[0] - before) / HELD
             finally:
-                if holder.stdin is not None:
-                    holder.stdin.close()
+                holder.stdin.close()
                 assert holder.wait(TIMEOUT) == 0
         finally:
             tracemalloc.stop()
