@@ -10,6 +10,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from typing import Any, Iterator, List
 
 import pytest
@@ -185,12 +186,17 @@ def test_a_slow_client_is_dropped_and_does_not_stall_the_others() -> None:
         # socket's send buffer up to tcp_wmem's maximum (4 MiB by default), about 21 of
         # these broadcasts, before a write has to wait; 40 leaves room for other limits.
         for _ in range(40):
+            started = time.monotonic()
             delivered.append(srv.broadcast(big, timeout=0.3))
+            elapsed = time.monotonic() - started
             for ws in fast:
                 assert ws.recv(timeout=TIMEOUT) == big
             if delivered[-1] == 3:
                 break
         assert delivered[-1] == 3, delivered
+        # The broadcast that dropped it kept to its timeout: it did not spin on the full
+        # socket until something else (a keepalive Ping, once 20 s) broke the loop.
+        assert elapsed < 0.3 + 1.0, f"broadcast(timeout=0.3) took {elapsed:.2f}s"
         assert _wait_for(lambda: len(srv.connections) == 3)
         assert slow.at_eof()
         slow.close()

@@ -8,17 +8,16 @@ lock around each OpenSSL call). These two modules are the only code that touches
 connection's socket, its locks, its queue of frames and its close state; everyone else
 (fan-out, the server, the backplane) uses the public methods.
 
-Any thread may write to a connection at any moment (the connection's own thread with its
-replies, a handler's ``ctx.send``, a broadcast, ``close()``), so:
+Any thread may write to a connection at any moment (its own thread's replies, a
+handler's ``ctx.send``, a broadcast, a Pong, ``close()``), so:
 
-* frames are encoded under ``_lock`` and go, in that order, either straight to the socket
-  (by the thread holding ``_writer`` when nothing is queued) or into ``_out``, a queue
-  that whoever holds ``_writer`` drains. ``_lock`` is never held across a system call
-  that can wait; ``_writer`` is held for the whole of one write.
-* every write is non-blocking (``MSG_DONTWAIT`` on plain sockets; TLS sockets are
-  non-blocking) and waits in ``poll`` for the time its caller allows, so a write is
-  bounded the same way on plain and TLS sockets, and no send flag ever reaches an
-  ``SSLSocket``.
+* frames are encoded under ``_lock`` and go, in that order, straight to the socket (by
+  the thread holding ``_writer`` when nothing is queued) or into ``_out``. Whoever holds
+  ``_writer`` writes ``_out`` as far as the socket takes it; the thread that queued a
+  frame drives it to the end (a blocking wait, or :meth:`Sender.progress`). ``_lock`` is
+  never held across a system call that can wait; ``_writer`` is, for one write.
+* every write is non-blocking (``MSG_DONTWAIT`` on plain sockets, never on TLS ones,
+  which are non-blocking) and waits in ``poll`` for the time its caller allows.
 * once our Close is queued (or the client's Close is read, or a write failed), no data
   frame is encoded any more (RFC 6455 5.5.1), and ``closed`` is set.
 """
@@ -159,8 +158,7 @@ class Sender:
         drive it with :meth:`progress` (``ticket`` names the frame).
         """
         writer = self._writer
-        # The usual case: nobody else writes to this client and nothing is queued for
-        # it, so the frame goes straight to the socket rather than through _out.
+        # Usually nobody else writes to this client: the frame goes straight to the socket.
         direct = writer.acquire(False)
         with self._lock:
             stream = self._stream
@@ -242,9 +240,8 @@ class Sender:
 
     def _start(self, stream: MessageStream, response: bytes) -> bool:
         """Write the 101 that opens ``stream``; ``False`` if the client is gone."""
-        # Open for sending before the client can see the 101 (a broadcast made after the
-        # client connected must reach it), but with the writer held, so that a frame
-        # queued meanwhile goes out after the 101.
+        # Open for sending before the client sees the 101 (a broadcast made after it
+        # connected must reach it), with the writer held: frames queued wait for the 101.
         self._writer.acquire()
         try:
             with self._lock:
@@ -301,9 +298,8 @@ class Sender:
             if not self._closing:
                 self._mark_closing()
         else:
-            # Wake the thread still writing (its write fails at once), then wait for it
-            # to leave: the socket must not be closed under a writer, whose file
-            # descriptor number could by then belong to another client.
+            # Wake the thread still writing (its write fails at once), then wait for it: a
+            # socket closed under a writer could see its fd number reused by another client.
             self.abort()
             writer.acquire()
         try:
@@ -382,16 +378,20 @@ class Sender:
                 return
 
     def _release_writer(self) -> None:
-        """Release ``_writer``; first write what was queued by threads that found it taken."""
+        """Release ``_writer``, first writing what others queued as far as the socket takes."""
         writer = self._writer
         while True:
             writer.release()
             if not self._out or self._broken or not writer.acquire(False):
                 return
+            written = self._written
             try:
                 self._flush(None, blocking=False)
             except _WriteFailed as exc:
                 self.drop(str(exc))
+            if self._written == written:  # nothing taken: retrying now would only spin
+                writer.release()
+                return
 
     def _acquire_writer(self, deadline: Optional[float]) -> bool:
         if self._writer.acquire(False):
