@@ -79,7 +79,8 @@ def serving(server: Server, scheme: str, tls: Tuple[ssl.SSLContext, ssl.SSLConte
 
 
 def client(server: Server, scheme: str, tls: Tuple[ssl.SSLContext, ssl.SSLContext], *,
-           stalled: bool = False) -> ClientConnection:
+           stalled: bool = False, logger: Optional[logging.Logger] = None
+           ) -> ClientConnection:
     """A python-websockets client; ``stalled``: one that stops reading its socket as soon
     as one frame waits unread (flow control at zero, a small receive buffer)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -88,7 +89,8 @@ def client(server: Server, scheme: str, tls: Tuple[ssl.SSLContext, ssl.SSLContex
     sock.settimeout(TIMEOUT)
     sock.connect(server.address)
     sock.settimeout(None)
-    kwargs: Any = {"max_size": None, "open_timeout": TIMEOUT, "close_timeout": TIMEOUT}
+    kwargs: Any = {"max_size": None, "open_timeout": TIMEOUT, "close_timeout": TIMEOUT,
+                   "logger": logger}
     if stalled:
         kwargs["max_queue"] = 0
     if scheme == "wss":
@@ -419,8 +421,8 @@ def test_pong_during_the_closing_handshake_keeps_close_timeout() -> None:
 
 
 def test_tls_writes_are_bounded_by_write_timeout(tls: Any, watch: Watch) -> None:
-    """Over TLS, a client that stops reading is dropped after write_timeout even when the
-    read timeout (keepalive) is much longer."""
+    """Over TLS, a client that stops reading is dropped after write_timeout, though the
+    connection's reads wait without a timeout (and keepalive is far off)."""
     server, replying = big_server(ping_interval=60 * TIMEOUT, write_timeout=0.5)
     with serving(server, "wss", tls):
         ws = client(server, "wss", tls, stalled=True)
@@ -497,6 +499,95 @@ def test_send_from_many_threads_while_replying(scheme: str, tls: Any, watch: Wat
             for i in range(3):
                 assert [p["n"] for p in pushed if p["t"] == i] == list(range(50))
         finally:
+            ws.close()
+
+
+# Keepalive: the server's keepalive thread writes Pings to connections other threads
+# are writing to.
+
+def count_calls(connection: Any, name: str, calls: int) -> threading.Event:
+    """An event set once ``connection.<name>()`` has been called ``calls`` times (the
+    method is wrapped on this one instance)."""
+    done = threading.Event()
+    original = getattr(connection, name)
+    count = [0]
+
+    def counted() -> Any:
+        result = original()
+        count[0] += 1
+        if count[0] >= calls:
+            done.set()
+        return result
+
+    setattr(connection, name, counted)
+    return done
+
+
+class FrameLog(logging.Handler):
+    """Counts the frames python-websockets logs as received (its DEBUG "< PING" lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.pings = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("< PING"):
+            self.pings += 1
+
+
+def test_keepalive_pings_during_a_large_reply(scheme: str, tls: Any, watch: Watch) -> None:
+    """Pings due while the connection's thread writes a large reply to a client that has
+    stopped reading wait for it; every frame arrives whole and the Pongs keep the
+    connection open."""
+    server, replying = big_server(ping_interval=0.05, ping_timeout=30 * TIMEOUT)
+    frames = FrameLog()
+    client_logger = logging.getLogger("tests.keepalive.client")
+    client_logger.setLevel(logging.DEBUG)
+    client_logger.propagate = False
+    client_logger.addHandler(frames)
+    with serving(server, scheme, tls):
+        ws = client(server, scheme, tls, stalled=True, logger=client_logger)
+        try:
+            assert _wait_for(lambda: len(server.connections) == 1)
+            connection = server.connections[0]
+            tried = count_calls(connection, "ping_nowait", 3)
+            ws.send(request("echo", "first"))
+            ws.send(request("big"))
+            assert replying.wait(TIMEOUT)
+            assert tried.wait(TIMEOUT)  # three turns while the reply is stuck
+            assert ws.recv(timeout=TIMEOUT) == '"first"'
+            assert ws.recv(timeout=TIMEOUT) == "x" * BIG
+            again = count_calls(connection, "ping_nowait", 3)
+            assert again.wait(TIMEOUT)  # answered: it is pinged again, and stays open
+            ws.send(request("echo", "after"))
+            assert ws.recv(timeout=TIMEOUT) == '"after"'
+            assert frames.pings >= 1
+            assert connection.open
+        finally:
+            ws.close()
+            client_logger.removeHandler(frames)
+
+
+def test_keepalive_fails_a_client_that_stopped_reading(scheme: str, tls: Any,
+                                                       watch: Watch) -> None:
+    """A client that stops reading mid-reply cannot answer Pings: the keepalive thread
+    closes it with 1011 after ping_timeout, well before write_timeout would, and wakes
+    the connection's thread from its write."""
+    server, replying = big_server(ping_interval=0.1, ping_timeout=0.3,
+                                  write_timeout=60 * TIMEOUT)
+    with serving(server, scheme, tls):
+        ws = client(server, scheme, tls, stalled=True)
+        try:
+            ws.send(request("echo", 0))
+            ws.send(request("big"))
+            assert replying.wait(TIMEOUT)
+            connection = server.connections[0]
+            assert connection.wait_finished(TIMEOUT)
+            assert connection.close_code == 1011
+            assert connection.close_reason == "keepalive ping timeout"
+            assert _wait_for(lambda: server.active_connections == 0)
+        finally:
+            ws.close_socket()
             ws.close()
 
 
@@ -583,7 +674,10 @@ def test_contention_stress(scheme: str, tls: Any, watch: Watch) -> None:
 
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    server = make_server(write_timeout=2.0, close_timeout=2.0)
+    # Keepalive Pings every 50 ms interleave with everything else; 5 s to answer, as a
+    # busy client on a loaded machine may need (one that stopped reading is dropped).
+    server = make_server(write_timeout=2.0, close_timeout=2.0, ping_interval=0.05,
+                         ping_timeout=5.0)
     helpers: List[threading.Thread] = []
     helpers_lock = threading.Lock()
 

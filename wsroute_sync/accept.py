@@ -62,9 +62,8 @@ class Acceptor:
         self._unix_path = address if listener.family == socket.AF_UNIX else None
         #: The read timeout accepted sockets inherit (see ``prepare_listener``).
         self.inherited_read_timeout: Optional[float] = UNKNOWN_TIMEOUT
-        if ssl_context is None and prepare_listener(listener,
-                                                    read_timeout=options.ping_interval):
-            self.inherited_read_timeout = options.ping_interval
+        if ssl_context is None and prepare_listener(listener):
+            self.inherited_read_timeout = None
         max_pending = options.max_pending_handshakes
         if max_pending == "auto":
             max_pending = default_max_pending(options.max_connections)

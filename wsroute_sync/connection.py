@@ -20,6 +20,7 @@ import time
 from typing import Any, Dict, FrozenSet, Optional, Protocol, Tuple
 
 from wsproto.connection import ConnectionState
+from wsproto.utilities import LocalProtocolError
 
 from .http import HTTPRequest
 from .limits import TokenBucket
@@ -72,6 +73,9 @@ class ConnectionOwner(Protocol):
     def http_answer(self, request: HTTPRequest) -> bytes:
         """The whole HTTP response to a request that asks for no upgrade."""
 
+    def keep_alive(self, connection: "ServerConnection") -> None:
+        """Ping ``connection`` every ping_interval from now on (keepalive.py)."""
+
     def expect_close(self, connection: "ServerConnection") -> None:
         """Drop ``connection`` if its closing handshake is not over within close_timeout
         (its thread may be blocked in a read that a Close from elsewhere cannot shorten)."""
@@ -95,7 +99,8 @@ class ServerConnection(Sender):
     # See Sender's. "rooms" is not one: its instance value, once set, goes in __dict__.
     __slots__ = (
         "server", "remote_address", "request", "identity", "subprotocol", "values",
-        "opened_at", "thread", "_running", "_rest", "_read_timeout",
+        "opened_at", "thread", "_running", "_rest", "_read_timeout", "_awaiting_pong",
+        "_ping_ticket", "_written_at_ping",
     )
 
     def __init__(
@@ -132,6 +137,8 @@ class ServerConnection(Sender):
         # The SO_RCVTIMEO in force on a plain socket, so that it is only set when it
         # changes; TLS reads keep theirs here and wait in poll.
         self._read_timeout: Optional[float] = inherited_read_timeout
+        self._awaiting_pong = False  # a keepalive Ping went out; its Pong has not come
+        self._ping_ticket = self._written_at_ping = 0  # that Ping's ticket; bytes out then
 
     # Public API, for handlers and other threads.
 
@@ -186,6 +193,53 @@ class ServerConnection(Sender):
         with self._rooms_lock:
             self.rooms = self.rooms - {room}
 
+    # Keepalive: the server's keepalive thread calls these (keepalive.py).
+
+    def ping_nowait(self) -> Tuple[Progress, int]:
+        """Start a keepalive Ping without waiting, unless the last one is unanswered.
+
+        Returns like :meth:`try_send`: ``CLOSED`` once the connection is closing (no more
+        Pings), ``DONE`` with ticket 0 when no Ping was due (not open yet, or waiting for
+        a Pong); otherwise drive it with :meth:`progress`.
+        """
+        with self._lock:
+            stream = self._stream
+            if self._closing or self._broken or self._finished:
+                return Progress.CLOSED, 0
+            if stream is None or self._awaiting_pong:
+                return Progress.DONE, 0
+            try:
+                frame = stream.ping()
+            except LocalProtocolError:
+                return Progress.CLOSED, 0  # the client's Close is in
+            # Before the frame can leave: its Pong may come back at once.
+            self._awaiting_pong = True
+            self._written_at_ping = self._written
+            self._queued += len(frame)
+            ticket = self._ping_ticket = self._queued
+            self._queue().append(frame)
+        return self.progress(ticket), ticket
+
+    def expire_ping(self) -> bool:
+        """The last keepalive Ping has had ping_timeout: unless its Pong came, fail the
+        connection (RFC 6455 7.1.7) with 1011, which says the server gave up on it.
+
+        Returns ``False`` to be asked again after another ping_timeout: the Ping is not
+        out yet, behind data the client is reading (a long reply), so no Pong can have
+        come. A client that read nothing meanwhile is failed.
+        """
+        if not self._awaiting_pong or self._closing:
+            return True
+        written = self._written
+        if self._written_at_ping < written < self._ping_ticket:
+            self._written_at_ping = written
+            return False
+        self._logger.info("connection %s: no pong within ping_timeout", self.id)
+        self.close_nowait(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+        # The client stopped answering: no wait for its Close. abort() wakes our thread.
+        self.abort()
+        return True
+
     @property
     def finished(self) -> bool:
         """True once the connection's thread is done with it (socket closed, slot freed)."""
@@ -210,6 +264,22 @@ class ServerConnection(Sender):
             else:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self._read_timeout = seconds
+
+    def _send_pong(self, payload: bytes) -> bool:
+        """Answer a Ping (blocking, bounded); ``False`` if the connection failed."""
+        with self._lock:
+            stream = self._stream
+            if self._broken or stream is None:
+                return False
+            try:
+                frame = stream.pong(payload)
+            except LocalProtocolError:
+                return True  # closing: no more Pongs, nothing is wrong
+            self._queued += len(frame)
+            ticket = self._queued
+            self._queue().append(frame)
+        timeout = self._write_timeout
+        return self._deliver(ticket, None if timeout is None else time.monotonic() + timeout)
 
     # The connection thread.
 
@@ -273,8 +343,10 @@ class ServerConnection(Sender):
         assert stream is not None
         logger = self._logger
         lock = self._lock
-        ping_interval = options.ping_interval
-        self._set_read_timeout(ping_interval)
+        # Reads wait for as long as it takes: the keepalive thread pings (owner's
+        # keep_alive) and drops a client that stops answering; closing sets a timeout.
+        self._set_read_timeout(None)
+        owner.keep_alive(self)
         handle = owner.handle_message
         send = self._send_data
         reply_now = self._reply
@@ -290,7 +362,6 @@ class ServerConnection(Sender):
         recv_into = sock.recv_into
         small = bytearray(_RECV_SMALL)
         small_view = memoryview(small)
-        awaiting_pong = False
         closing = False  # we sent Close and wait for the client's (close_timeout applies)
         data: Optional[bytes] = self._rest
         self._rest = b""
@@ -308,19 +379,6 @@ class ServerConnection(Sender):
                     if closing or stream.state is ConnectionState.LOCAL_CLOSING:
                         logger.info("connection %s: no Close answer in time, dropping", self.id)
                         return
-                    if ping_interval is None:
-                        continue
-                    if awaiting_pong:
-                        # RFC 6455 7.1.7 allows failing a connection that stopped
-                        # responding; 1011 says the server gave up on it.
-                        logger.info("connection %s: no pong within ping_timeout", self.id)
-                        self.close_code, self.close_reason = 1011, "keepalive ping timeout"
-                        self.close_nowait(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
-                        return
-                    if not self._send_control(True):
-                        return
-                    awaiting_pong = True
-                    self._set_read_timeout(options.ping_timeout)
                     continue
                 except OSError as exc:
                     logger.debug("connection %s: read failed: %s", self.id, exc)
@@ -358,13 +416,9 @@ class ServerConnection(Sender):
                     if reply is not None:
                         reply_now(reply)
                 elif kind is PingReceived:
-                    self._send_control(False, item.payload)  # type: ignore[union-attr]
+                    self._send_pong(item.payload)  # type: ignore[union-attr]
                 elif kind is PongReceived:
-                    if awaiting_pong:
-                        awaiting_pong = False
-                        if not closing:
-                            # During the closing handshake close_timeout stays in force.
-                            self._set_read_timeout(ping_interval)
+                    self._awaiting_pong = False
                 elif kind is CloseReceived:
                     assert isinstance(item, CloseReceived)
                     # The code and reason first: whoever wakes on ``closed`` reads them.

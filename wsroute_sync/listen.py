@@ -142,20 +142,19 @@ def timeval(seconds: Optional[float]) -> bytes:
     return struct.pack("ll", whole, micros)
 
 
-def prepare_listener(listener: socket.socket, *, read_timeout: Optional[float]) -> bool:
+def prepare_listener(listener: socket.socket) -> bool:
     """Set on the listener what every accepted socket needs; ``True`` if they inherit it.
 
-    Linux copies a listening socket's TCP_NODELAY and SO_RCVTIMEO to the sockets
-    ``accept()`` returns, which saves system calls per connection (a measurable share of
-    a short connection's cost). ``read_timeout`` is the connection thread's read timeout
-    (keepalive's ``ping_interval``). Elsewhere each socket sets its own.
+    Linux copies a listening socket's TCP_NODELAY to the sockets ``accept()`` returns,
+    which saves a system call per connection (a measurable share of a short connection's
+    cost); their SO_RCVTIMEO stays 0, reads without a timeout, which is what a connection
+    thread wants until it closes. Elsewhere each socket sets its own.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         if listener.family != socket.AF_UNIX:
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(read_timeout))
-    except OSError:  # pragma: no cover - every Linux socket family here has them
+    except OSError:  # pragma: no cover - every Linux TCP socket has it
         return False
     return True

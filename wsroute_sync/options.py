@@ -82,9 +82,9 @@ class ServerOptions:
 
     Timeouts (seconds):
         handshake_timeout: to receive the whole request head (default 10); else 408.
-        ping_interval, ping_timeout: an idle connection is pinged after
+        ping_interval, ping_timeout: every open connection is pinged each
             ``ping_interval`` and closed with 1011 if no pong comes within
-            ``ping_timeout`` (defaults 20 and 20).
+            ``ping_timeout`` (defaults 20 and 20); one thread pings them all.
         write_timeout: a write that makes no progress for this long drops the client
             (default 10), so a client that stops reading cannot pin a thread.
         close_timeout: how long to wait for the client's answer to our Close (default 10).

@@ -9,7 +9,7 @@ connection's socket, its locks, its queue of frames and its close state; everyon
 (fan-out, the server, the backplane) uses the public methods.
 
 Any thread may write to a connection at any moment (its own thread's replies, a
-handler's ``ctx.send``, a broadcast, a Pong, ``close()``), so:
+handler's ``ctx.send``, a broadcast, keepalive Pings, ``close()``), so:
 
 * frames are encoded under ``_lock`` and go, in that order, straight to the socket (by
   the thread holding ``_writer`` when nothing is queued) or into ``_out``. Whoever holds
@@ -34,8 +34,6 @@ import struct
 import threading
 import time
 from typing import Any, Deque, Optional, Tuple, Union
-
-from wsproto.utilities import LocalProtocolError
 
 from .errors import ConnectionClosed
 from .metrics import ConnectionMetrics
@@ -459,29 +457,6 @@ class Sender:
             self.drop(str(exc))
         finally:
             self._release_writer() if self._out else writer.release()
-
-    def _send_control(self, ping: bool, payload: bytes = b"") -> bool:
-        """Write a Ping (``ping``) or a Pong; ``False`` if the connection failed."""
-        if not self._acquire_writer(None):
-            return False
-        try:
-            with self._lock:
-                stream = self._stream
-                if self._broken or stream is None:
-                    return False
-                try:
-                    frame = stream.ping(payload) if ping else stream.pong(payload)
-                except LocalProtocolError:
-                    return True  # closing: no more pings or pongs, nothing is wrong
-                self._queued += len(frame)
-                self._queue().append(frame)
-            self._flush(None, blocking=True)
-            return True
-        except _WriteFailed as exc:
-            self.drop(str(exc))
-            return False
-        finally:
-            self._release_writer()
 
     def _deliver(self, ticket: int, deadline: Optional[float]) -> bool:
         """Write until the frame ``ticket`` names is out (blocking, bounded)."""

@@ -24,6 +24,7 @@ from .context import Context
 from .fanout import FanOut, close_all
 from .frames import CLOSE_GOING_AWAY, Message
 from .http import HTTPRequest, http_response
+from .keepalive import Keepalive
 from .listen import UNKNOWN_TIMEOUT, url_for
 from .options import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .options import ServerOptions
@@ -41,13 +42,9 @@ __all__ = ["Server", "MessageHandler", "HTTPHandler"]
 #: A raw message hook: ``message_handler(connection, message) -> reply or None``.
 MessageHandler = Callable[[ServerConnection, Message], Optional[Message]]
 
-# close(timeout) waits this much past its deadline for the threads of the connections it
-# had to abort (a handler that is still running is not waited for).
-_ABORT_MARGIN = 0.5
-# Connection threads kept for reuse once their connection ends (see pool.py), and how
-# long one waits for the next connection before it exits.
-_MAX_IDLE_THREADS = 64
-_IDLE_THREAD_SECONDS = 30.0
+_ABORT_MARGIN = 0.5  # how long close(timeout) waits past it for the threads it aborted
+# Connection threads kept for reuse (pool.py), and how long one waits for the next.
+_MAX_IDLE_THREADS, _IDLE_THREAD_SECONDS = 64, 30.0
 
 
 class Server:
@@ -137,9 +134,10 @@ class Server:
         )
         # Connections: slots, per-client counts, the live ones by id, the numbers.
         self._roster = Roster(self.options, self.logger)
-        #: A connection has ended (the ConnectionOwner interface): forget it, count it,
-        #: free its slot.
-        self.connection_done = self._roster.done
+        self._keepalive = Keepalive("wsroute_sync-keepalive", self.logger,
+                                    interval=ping_interval, timeout=ping_timeout)
+        #: Ping a connection every ping_interval (the ConnectionOwner interface).
+        self.keep_alive = self._keepalive.add
         # Lifecycle.
         self._state_lock = threading.Lock()
         self._acceptor: Optional[Acceptor] = None
@@ -233,11 +231,11 @@ class Server:
         ``ValueError`` for a value JSON cannot encode, raised before anything is sent).
         Writes never block on one client: the message is framed once, every socket is
         written without waiting, and clients whose buffers are full are served as they
-        drain, together, for at most ``timeout`` seconds
-        (default ``write_timeout``, else 10). A client still behind after that cannot
-        take even a Close frame, so it is disconnected and logged. A frame never lands
-        inside another: a client busy with a large reply gets the broadcast after it.
-        Returns how many connections **of this instance** received the whole message.
+        drain, together, for at most ``timeout`` seconds (default ``write_timeout``, else
+        10). A client still behind after that cannot take even a Close frame, so it is
+        disconnected and logged. A frame never lands inside another: a client busy with a
+        large reply gets the broadcast after it. Returns how many connections **of this
+        instance** received the whole message.
 
         With a ``backplane``, the message is then published, and every other instance
         delivers it to its own clients (in ``room``, if given). A ``predicate`` is a
@@ -353,9 +351,9 @@ class Server:
         self._supervisor = None
         self._pool.cpus = resolve_cpu_affinity(self.options.cpu_affinity, index)
         if self.options.thread_policy == "auto":
-            # Worker processes keep every core busy, and there a thread handed the GIL
-            # must be able to preempt to run soon: two workers on two cores with batch
-            # measured 72-78k round trips/s at 50 connections against 84-103k without.
+            # Worker processes keep every core busy, and there a thread handed the GIL must
+            # preempt to run soon: two workers on two cores with batch measured 72-78k
+            # round trips/s at 50 connections against 84-103k without.
             self._pool.thread_policy = None
         self._roster.renew_instance_id()
 
@@ -410,6 +408,7 @@ class Server:
             self.options.backplane.close()  # no more deliveries from other instances
         # Sealed: no connection is registered any more, so this list is final.
         connections = self._roster.seal()
+        self._keepalive.stop()  # no Ping may follow the Close frames
         close_timeout = self.options.close_timeout
         grace_end = started + (close_timeout if close_timeout is not None else 10.0)
         if deadline is not None:
@@ -425,18 +424,19 @@ class Server:
         # The pooled threads, idle or finishing a connection, end too.
         self._pool.close(left(margin_end))
         for connection in stuck:
-            self.logger.warning(
-                "connection %s did not finish within %ss (a handler still running?)",
-                connection.id, timeout,
-            )
+            self.logger.warning("connection %s did not finish within %ss (a handler still "
+                                "running?)", connection.id, timeout)
         self._reaper.stop()
         if acceptor is not None:
             acceptor.close()
         self._closed.set()
-        self.logger.info(
-            "server closed (%d connection(s) closed, %d unfinished)",
-            len(connections) - len(stuck), len(stuck),
-        )
+        self.logger.info("server closed (%d connection(s) closed, %d unfinished)",
+                         len(connections) - len(stuck), len(stuck))
+
+    def connection_done(self, connection: ServerConnection) -> None:
+        """A connection has ended (ConnectionOwner): forget it, count it, free its slot."""
+        self._keepalive.discard(connection)
+        self._roster.done(connection)
 
     # The accept loop and admission.
 
