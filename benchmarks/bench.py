@@ -510,6 +510,7 @@ class LoadgenOutcome:
     baseline: ProcSample | None
     held: ProcSample | None
     stderr_tail: str
+    held_end: ProcSample | None = None  # after --hold-seconds more of holding
 
 
 def run_loadgen(
@@ -535,6 +536,7 @@ def run_loadgens(
     log_dir: Path,
     baseline: ProcSample | None = None,
     settle_s: float = 1.0,
+    hold_s: float = 0.0,
 ) -> LoadgenOutcome:
     """Run one load generator process per argument list, at once, sampling the server
     at their EVENT lines: the window opens with the first process's and closes with the
@@ -547,7 +549,7 @@ def run_loadgens(
     lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
     procs: list[subprocess.Popen[str]] = []
     err_paths: list[Path] = []
-    start = end = held = None
+    start = end = held = held_end = None
     results: dict[int, dict[str, Any]] = {}
     opened: set[int] = set()
     closed: set[int] = set()
@@ -597,6 +599,11 @@ def run_loadgens(
                     # then read what the open connections cost at rest.
                     time.sleep(settle_s)
                     held = sample_proc(server.pid)
+                    if hold_s > 0:
+                        # Keep holding through keepalive rounds (wsroute_sync pings
+                        # every 20 s): what holding costs, and whether all survive.
+                        time.sleep(hold_s)
+                        held_end = sample_proc(server.pid)
                     for proc in procs:
                         assert proc.stdin is not None
                         proc.stdin.write("release\n")
@@ -618,7 +625,7 @@ def run_loadgens(
         if proc.returncode != 0 or i not in results:
             raise RunError(f"load generator exited with {proc.returncode}: {tails}")
     result = results[0] if n == 1 else merge_results([results[i] for i in range(n)])
-    return LoadgenOutcome(result, (start, end), baseline, held, tails)
+    return LoadgenOutcome(result, (start, end), baseline, held, tails, held_end)
 
 
 def _pump_tagged(tag: int, stream: IO[str], sink: queue.Queue[tuple[int, str | None]]) -> None:
@@ -674,6 +681,7 @@ class Settings:
     request_concurrency: int
     settle: float
     fd_hard_limit: int
+    hold: float = 0.0
 
 
 def scenario_conns(scenario: Scenario, settings: Settings) -> int:
@@ -697,6 +705,8 @@ def loadgen_args(scenario: Scenario, spec: ServerSpec, settings: Settings, conns
         "-request-concurrency", str(settings.request_concurrency),
         "-source-addrs", str(scenario.source_addrs),
     ]  # fmt: skip
+    if scenario.mode == "hold":
+        args += ["-hold-max", f"{120 + settings.hold:.0f}s"]
     if scenario.mode == "fanout":
         args += ["-fanout-interval", f"{FANOUT_INTERVAL_MS}ms", "-fanout-size", str(scenario.payload)]
     return args
@@ -734,7 +744,7 @@ def run_one(
             time.sleep(settings.settle / 2)
             baseline = sample_proc(server.pid)
         if scenario.mode in ("hold", "fanout"):
-            timeout = 120 + conns * 0.05 + settings.warmup + settings.duration  # 10k: ~10 min
+            timeout = 120 + conns * 0.05 + settings.warmup + settings.duration + settings.hold
         else:
             timeout = settings.warmup + settings.duration + 90
         # The connections, split over the load generator processes.
@@ -749,6 +759,7 @@ def run_one(
             log_dir,
             baseline=baseline,
             settle_s=settings.settle,
+            hold_s=settings.hold if scenario.mode == "hold" else 0.0,
         )
         final = sample_proc(server.pid)
         crashed = not server.alive()
@@ -834,6 +845,13 @@ def summarise(
             out["server_fds_held"] = held.fds
             out["server_threads_held"] = held.threads
             out["server_rss_mib"] = held.rss_kib / 1024
+        end = outcome.held_end
+        if base and held and end and held_n:
+            # Server CPU while it only holds them (keepalive, timers), and how many it
+            # still held at the end (each held connection is one socket).
+            out["hold_s"] = end.t - held.t
+            out["hold_cpu_pct"] = 100 * (end.cpu_s - held.cpu_s) / (end.t - held.t)
+            out["held_at_end"] = end.fds - base.fds
     return out
 
 
@@ -933,6 +951,8 @@ HOLD_COLUMNS: list[Column] = [
     ("fds/conn", "fds_per_conn", ".1f"),
     ("thr/conn", "threads_per_conn", ".1f"),
     ("srv CPU µs/conn", "server_cpu_us_per_op", ",.0f"),
+    ("holding CPU %", "hold_cpu_pct", ".1f"),  # with --hold-seconds
+    ("held at end", "held_at_end", ",.0f"),
     ("loadgen CPU %", "loadgen_cpu_pct", ".0f"),
     ("other CPU %", "other_cpu_pct", ".0f"),
 ]
@@ -969,6 +989,7 @@ RATIO_METRICS: dict[str, list[tuple[str, bool, str]]] = {
     "churn": [("rate", True, "rate"), ("server_cpu_us_per_op", False, "CPU/conn")],
     "hold": [
         ("rss_kib_per_conn", False, "memory/conn"),
+        ("hold_cpu_pct", False, "CPU% holding"),
         ("p99_ms", False, "answer p99"),
         ("connect_rate", True, "connect rate"),
     ],
@@ -985,7 +1006,7 @@ RATIO_METRICS: dict[str, list[tuple[str, bool, str]]] = {
 MEDIAN_KEYS = (
     "rate", "p50_ms", "p99_ms", "server_cpu_us_per_op", "server_rss_mib",
     "rss_kib_per_conn", "fds_per_conn", "threads_per_conn", "connect_rate", "held",
-    "max_ms", "tick_rate", "delivered_pct",
+    "max_ms", "tick_rate", "delivered_pct", "hold_cpu_pct", "held_at_end",
 )  # fmt: skip
 
 
@@ -1106,6 +1127,14 @@ def parse_list(value: str, known: Sequence[str], what: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=0.0,
+        help="hold scenarios: keep the connections this long after measuring memory, "
+        "and report the server's CPU meanwhile and how many it still holds "
+        "(default 0; 50 covers two of wsroute_sync's keepalive rounds)",
     )
     p.add_argument(
         "--duration",
@@ -1442,6 +1471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_concurrency=args.request_concurrency,
         settle=1.0,
         fd_hard_limit=fd_limits[1],
+        hold=args.hold_seconds,
     )
     meta = machine_info(fd_limits)
     meta["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
