@@ -77,14 +77,17 @@ class Keepalive:
         with self._cond:
             if self._stopped:
                 return
-            idle = not self._ping_due and not self._pong_due
+            # The thread looks again within _IDLE_EXIT seconds anyway; it needs waking
+            # only for a first Ping due sooner. Churn adds and discards thousands of
+            # connections a second: waking the thread for each would cost more.
+            wake = interval < _IDLE_EXIT and not self._ping_due and not self._pong_due
             self._ping_due[connection] = time.monotonic() + interval
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name,
                                                 daemon=True)
                 self._thread.start()
-            elif idle:
-                self._cond.notify()  # the thread waits for work, or to leave
+            elif wake:
+                self._cond.notify()
 
     def discard(self, connection: ServerConnection) -> None:
         """Forget ``connection`` (it has ended)."""
@@ -93,8 +96,6 @@ class Keepalive:
         with self._cond:
             self._ping_due.pop(connection, None)
             self._pong_due.pop(connection, None)
-            if not self._ping_due and not self._pong_due:
-                self._cond.notify()  # the last one: the thread may leave, in a while
 
     def __len__(self) -> int:
         with self._cond:
@@ -163,7 +164,8 @@ class Keepalive:
                     return None
                 self._cond.wait(_IDLE_EXIT)
             elif min(due) > now:
-                self._cond.wait(min(due) - now)
+                # At most _IDLE_EXIT: then it notices when the last connection has gone.
+                self._cond.wait(min(min(due) - now, _IDLE_EXIT))
             else:
                 return now
         return None
