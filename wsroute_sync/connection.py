@@ -379,7 +379,7 @@ class ServerConnection(Sender):
                     if closing or stream.state is ConnectionState.LOCAL_CLOSING:
                         logger.info("connection %s: no Close answer in time, dropping", self.id)
                         return
-                    continue
+                    continue  # only closing sets a read timeout: nothing else to do here
                 except OSError as exc:
                     logger.debug("connection %s: read failed: %s", self.id, exc)
                     if self.close_code is None:

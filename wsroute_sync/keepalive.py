@@ -97,10 +97,6 @@ class Keepalive:
             self._ping_due.pop(connection, None)
             self._pong_due.pop(connection, None)
 
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._ping_due)
-
     def stop(self) -> None:
         """Stop pinging and wait for the thread to end."""
         with self._cond:
