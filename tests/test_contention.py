@@ -502,6 +502,45 @@ def test_send_from_many_threads_while_replying(scheme: str, tls: Any, watch: Wat
             ws.close()
 
 
+def test_broadcasts_to_a_stopped_reader_keep_their_timeout(scheme: str, tls: Any,
+                                                           watch: Watch) -> None:
+    """Two threads broadcast to a client that stopped reading and to one that reads:
+    every call returns within its timeout (a queued frame the socket does not take is
+    not retried in a loop), the stopped one is dropped, the other gets every message."""
+    server = make_server()
+    big = "z" * 200_000
+    with serving(server, scheme, tls):
+        stopped = client(server, scheme, tls, stalled=True)
+        reader = client(server, scheme, tls)
+        try:
+            assert _wait_for(lambda: len(server.connections) == 2)
+            slowest: List[float] = []
+            got: List[Any] = []
+            receiving = threading.Thread(
+                target=lambda: got.extend(reader.recv(timeout=4 * TIMEOUT) for _ in range(60)))
+            receiving.start()
+
+            def broadcaster() -> None:
+                for _ in range(30):
+                    started = time.monotonic()
+                    server.broadcast(big, timeout=0.3)
+                    slowest.append(time.monotonic() - started)
+
+            threads = [threading.Thread(target=broadcaster) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads + [receiving]:
+                t.join(8 * TIMEOUT)
+                assert not t.is_alive()
+            assert max(slowest) < 0.3 + 1.0, f"a broadcast took {max(slowest):.2f}s"
+            assert got == [big] * 60
+            assert _wait_for(lambda: len(server.connections) == 1)
+        finally:
+            stopped.close_socket()
+            stopped.close()
+            reader.close()
+
+
 # Keepalive: the server's keepalive thread writes Pings to connections other threads
 # are writing to.
 
