@@ -215,9 +215,7 @@ class ServerConnection(Sender):
             # Before the frame can leave: its Pong may come back at once.
             self._awaiting_pong = True
             self._written_at_ping = self._written
-            self._queued += len(frame)
-            ticket = self._ping_ticket = self._queued
-            self._queue().append(frame)
+            ticket = self._ping_ticket = self._enqueue(frame)
         return self.progress(ticket), ticket
 
     def expire_ping(self) -> bool:
@@ -275,9 +273,7 @@ class ServerConnection(Sender):
                 frame = stream.pong(payload)
             except LocalProtocolError:
                 return True  # closing: no more Pongs, nothing is wrong
-            self._queued += len(frame)
-            ticket = self._queued
-            self._queue().append(frame)
+            ticket = self._enqueue(frame)
         timeout = self._write_timeout
         return self._deliver(ticket, None if timeout is None else time.monotonic() + timeout)
 

@@ -272,9 +272,7 @@ class Sender:
             event = self._closed_event
             ticket: Optional[int] = None
             if frame:
-                self._queue().append(frame)
-                self._queued += len(frame)
-                ticket = self._queued
+                ticket = self._enqueue(frame)
                 if self.close_code is None:
                     self.close_code, self.close_reason = code, reason
         if event is not None:
@@ -313,6 +311,12 @@ class Sender:
         if self._out is None:
             self._out = collections.deque()
         return self._out
+
+    def _enqueue(self, frame: bytes) -> int:
+        """Queue ``frame`` behind everything else; its ticket. ``_lock`` held."""
+        self._queued += len(frame)
+        self._queue().append(frame)
+        return self._queued
 
     # Writing. Every method below that writes is called with _writer held.
 
