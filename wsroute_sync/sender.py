@@ -37,7 +37,7 @@ from typing import Any, Deque, Optional, Tuple, Union
 
 from .errors import ConnectionClosed
 from .metrics import ConnectionMetrics
-from .frames import Message
+from .frames import Message, data_frame
 from .routing import as_message
 from .sharedtls import SharedTLSSocket, wait_ready
 from .stream import MessageStream, PreparedMessage
@@ -77,7 +77,7 @@ class Sender:
     # Slots: with its subclass's, more attributes than an instance keeps without a dict
     # of its own (~1.5 KiB a connection). "__dict__", made when first used, takes others.
     __slots__ = ("id", "close_code", "close_reason", "metrics", "_sock", "_tls_sock", "_tls",
-                 "_stream", "_lock", "_writer", "_out", "_out_offset", "_queued", "_written",
+                 "_stream", "_plain", "_lock", "_writer", "_out", "_out_offset", "_queued", "_written",
                  "_closing", "_broken", "_finished", "_closed_event", "_logger",
                  "_write_timeout", "__dict__", "__weakref__")
 
@@ -95,6 +95,7 @@ class Sender:
         self._tls_sock = SharedTLSSocket(sock) if isinstance(sock, ssl.SSLSocket) else None
         self._tls = self._tls_sock is not None
         self._stream: Optional[MessageStream] = None
+        self._plain = False  # the stream's frames need no extension: see _reply
         # _lock: the stream's protocol state, _out, _queued and the close state. Short
         # sections only. _writer: held by the one thread writing to the socket.
         self._lock = threading.Lock()
@@ -244,6 +245,7 @@ class Sender:
         try:
             with self._lock:
                 self._stream = stream
+                self._plain = stream.plain
                 self._queued += len(response)
             self._write(response, None)
         except _WriteFailed as exc:
@@ -449,12 +451,23 @@ class Sender:
             writer.release()
             self._send_data(data, None)
             return
-        frame = stream.send(data)
+        # With no extension, the frame is what stream.send() builds once it has made
+        # the check just made above under the same lock.
+        frame = data_frame(data) if self._plain else stream.send(data)
         self.metrics.messages_out += 1
         self._queued += len(frame)
         lock.release()
         try:
-            n = self._send_once(frame)[0]
+            if self._tls_sock is None:  # _send_once, inline
+                try:
+                    n = self._sock.send(frame, _MSG_DONTWAIT)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    raise _WriteFailed(f"write failed: {exc}") from None
+                self._written += n
+            else:
+                n = self._send_once(frame)[0]
             if n < len(frame):
                 self._write(memoryview(frame)[n:], None)
         except _WriteFailed as exc:
