@@ -30,9 +30,11 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import queue
+import random
 import resource
 import shutil
 import signal
@@ -1111,6 +1113,49 @@ def render_ratios(
     return "  wsroute_sync / peer:\n" + "\n".join(parts)
 
 
+#: Rounds needed before the paired ratios are printed: fewer say nothing about spread.
+PAIRED_MIN_ROUNDS = 3
+
+
+def render_paired(records: list[dict[str, Any]], scenario: Scenario, placement: str) -> str:
+    """ours / each peer on the main metric, round by round.
+
+    Servers of one round run back to back, so the machine's slow drifts (other load,
+    frequency, the VM's neighbours) touch both sides of a round's ratio alike; the
+    medians' ratio above ignores that pairing. The geometric mean of the rounds'
+    ratios comes with a 90 % interval (bootstrap over rounds, fixed seed): a ratio
+    whose interval holds 1.0 is not a measured difference.
+    """
+    key, higher_better, label = RATIO_METRICS[scenario.mode][0]
+    by_round: dict[int, dict[str, float]] = {}
+    for r in records:
+        value = r.get(key)
+        if (r["scenario"], r["placement"]) == (scenario.key, placement) and value:
+            by_round.setdefault(r["round"], {})[r["server"]] = value
+    parts = []
+    for spec in SERVERS:
+        if spec.key == OURS:
+            continue
+        logs = [
+            math.log(both[OURS] / both[spec.key])
+            for both in by_round.values()
+            if OURS in both and spec.key in both
+        ]
+        if len(logs) < PAIRED_MIN_ROUNDS:
+            continue
+        rng = random.Random(0)
+        means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(2000))
+        low, high = math.exp(means[100]), math.exp(means[1899])
+        ahead = sum((x > 0) == higher_better for x in logs if x)
+        parts.append(
+            f"  vs {spec.label}: {math.exp(statistics.fmean(logs)):.2f}x "
+            f"(90% interval {low:.2f}-{high:.2f}), ours better in {ahead} of {len(logs)} rounds"
+        )
+    if not parts:
+        return ""
+    return f"  {label}, paired by round:\n" + "\n".join(parts)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1533,7 +1578,9 @@ def table_for(scenario: Scenario, placement: str, session: Session) -> str:
         if (scen, place) == (scenario.key, placement):
             skips[server] = why
     rows = rows_for(session.records, scenario, placement)
-    return render_table(scenario, placement, rows, skips)
+    table = render_table(scenario, placement, rows, skips)
+    paired = render_paired(session.records, scenario, placement)
+    return f"{table}\n{paired}" if paired else table
 
 
 def write_results(args: argparse.Namespace, meta: dict[str, Any], session: Session) -> Path:
