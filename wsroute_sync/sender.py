@@ -77,8 +77,8 @@ class Sender:
     # Slots: with its subclass's, more attributes than an instance keeps without a dict
     # of its own (~1.5 KiB a connection). "__dict__", made when first used, takes others.
     __slots__ = ("id", "close_code", "close_reason", "metrics", "_sock", "_tls_sock", "_tls",
-                 "_stream", "_plain", "_lock", "_writer", "_out", "_out_offset", "_queued", "_written",
-                 "_closing", "_broken", "_finished", "_closed_event", "_logger",
+                 "_stream", "_plain", "_lock", "_writer", "_out", "_out_offset", "_queued",
+                 "_written", "_closing", "_broken", "_finished", "_closed_event", "_logger",
                  "_write_timeout", "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, connection_id: str, *, logger: Any,
