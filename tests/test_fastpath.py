@@ -30,7 +30,7 @@ def make_stream(fast: bool, max_size: Optional[int]) -> MessageStream:
     head = client.send(Request(host="example.com", target="/"))
     _, ws, _, _ = accept_upgrade(parse_request_head(head))
     stream = MessageStream(ws, max_message_size=max_size)
-    stream._fast = fast
+    stream.plain = fast
     return stream
 
 

@@ -78,7 +78,7 @@ class MessageAssembler:
 
 
     __slots__ = (
-        "_ws", "_max_size", "_parts", "_size", "_text", "_fast", "_framed", "_chunk", "_buf",
+        "_ws", "_max_size", "_parts", "_size", "_text", "plain", "_framed", "_chunk", "_buf",
         "_need", "deferred",
         "_left", "_ours", "_fragmented", "writable", "_whole_max", "_peer_closed", "_answered",
         "_inflates", "_window_bits", "_no_takeover", "_inflater", "_compressed", "_msg",
@@ -99,8 +99,10 @@ class MessageAssembler:
         self._size = 0  # bytes of the message being received so far
         self._text = False
         pure = _PURE_WSPROTO
-        # Frames are sent, and single frames decoded, here when no extension is in use.
-        self._fast = not extensions and not pure
+        #: True when frames are written without extension, the same bytes for everyone:
+        #: then they are sent, and single frames decoded, here rather than by wsproto.
+        #: Read-only; set once, here.
+        self.plain = not extensions and not pure
         # Compressed messages are inflated here when the negotiated permessage-deflate
         # is known (accept_upgrade's connections); otherwise wsproto inflates them.
         deflate = ws.deflate if extensions and isinstance(ws, NegotiatedConnection) else None

@@ -77,8 +77,8 @@ class Sender:
     # Slots: with its subclass's, more attributes than an instance keeps without a dict
     # of its own (~1.5 KiB a connection). "__dict__", made when first used, takes others.
     __slots__ = ("id", "close_code", "close_reason", "metrics", "_sock", "_tls_sock", "_tls",
-                 "_stream", "_plain", "_lock", "_writer", "_out", "_out_offset", "_queued",
-                 "_written", "_closing", "_broken", "_finished", "_closed_event", "_logger",
+                 "_stream", "_lock", "_writer", "_out", "_out_offset", "_queued", "_written",
+                 "_closing", "_broken", "_finished", "_closed_event", "_logger",
                  "_write_timeout", "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, connection_id: str, *, logger: Any,
@@ -95,7 +95,6 @@ class Sender:
         self._tls_sock = SharedTLSSocket(sock) if isinstance(sock, ssl.SSLSocket) else None
         self._tls = self._tls_sock is not None
         self._stream: Optional[MessageStream] = None
-        self._plain = False  # the stream's frames need no extension: see _reply
         # _lock: the stream's protocol state, _out, _queued and the close state. Short
         # sections only. _writer: held by the one thread writing to the socket.
         self._lock = threading.Lock()
@@ -245,7 +244,6 @@ class Sender:
         try:
             with self._lock:
                 self._stream = stream
-                self._plain = stream.plain
                 self._queued += len(response)
             self._write(response, None)
         except _WriteFailed as exc:
@@ -452,8 +450,8 @@ class Sender:
             self._send_data(data, None)
             return
         # With no extension, the frame is what stream.send() builds once it has made
-        # the check just made above under the same lock.
-        frame = data_frame(data) if self._plain else stream.send(data)
+        # the check just made above under the same lock (as PreparedMessage.frame_for).
+        frame = data_frame(data) if stream.plain else stream.send(data)
         self.metrics.messages_out += 1
         self._queued += len(frame)
         lock.release()

@@ -92,11 +92,6 @@ class MessageStream(MessageAssembler):
             return ConnectionState.CLOSED if self._answered else ConnectionState.REMOTE_CLOSING
         return self._ws.state
 
-    @property
-    def plain(self) -> bool:
-        """True when frames are written without extension: the same bytes for everyone."""
-        return self._fast
-
     def receive(self, data: Optional[bytes]) -> List[Outcome]:
         """Feed bytes read from the socket (``None`` for end of stream)."""
         if not self._framed or data is None:
@@ -109,7 +104,7 @@ class MessageStream(MessageAssembler):
         # The usual read of a request-reply client: exactly one whole, final, masked
         # text or binary frame. _split() would decode it the same way, one loop later.
         n = len(data)
-        if (n > 6 and self._fast and self.writable and not self._left
+        if (n > 6 and self.plain and self.writable and not self._left
                 and not self._fragmented):
             b0 = data[0]
             if b0 == FIN_TEXT or b0 == FIN_BINARY:
@@ -228,7 +223,7 @@ class MessageStream(MessageAssembler):
                 header += 4
             total = header + length
             if (
-                self._fast
+                self.plain
                 and (b0 == FIN_TEXT or b0 == FIN_BINARY)
                 and b1 & 0x80
                 and length <= INT_UNMASK_LIMIT
@@ -258,7 +253,7 @@ class MessageStream(MessageAssembler):
                 # Text that is not all here is read below as it comes, so that invalid
                 # UTF-8 in its first part fails the connection before the rest arrives
                 # (RFC 6455 8.1; Autobahn 6.4.3 and 6.4.4 send a frame in three parts).
-            if opcode < 3 and b1 & 0x80 and minimal and (self._fast or self._inflates):
+            if opcode < 3 and b1 & 0x80 and minimal and (self.plain or self._inflates):
                 if not self.writable and self._ended():
                     return out  # after the peer's Close nothing more is read
                 rsv = b0 & 0x70
@@ -307,7 +302,7 @@ class MessageStream(MessageAssembler):
                 and header == 6  # masked, and a length under 126 as control frames have
                 and length != 1
                 and end - pos >= total
-                and self._fast
+                and self.plain
                 and self.writable
                 and not self._fragmented
             ):
@@ -332,7 +327,7 @@ class MessageStream(MessageAssembler):
 
         Raises wsproto's ``LocalProtocolError`` once closing has started.
         """
-        if self._fast and self.writable:
+        if self.plain and self.writable:
             # What wsproto's serialiser writes for it; wsproto keeps no state for it.
             return data_frame(data)
         if self._peer_closed:
