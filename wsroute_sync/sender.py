@@ -456,7 +456,7 @@ class Sender:
         self._queued += len(frame)
         lock.release()
         try:
-            if self._tls_sock is None:  # _send_once, inline
+            if self._tls_sock is None:  # _send_once inline: a call and a tuple less per reply
                 try:
                     n = self._sock.send(frame, _MSG_DONTWAIT)
                 except BlockingIOError:
