@@ -9,16 +9,19 @@ never answers is in test_hostile.py.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import threading
 import time
 import weakref
-from typing import Any, List
+from typing import Any, List, Tuple
 
 from websockets.sync.client import connect
 
 from conftest import TIMEOUT, _wait_for, make_server, running
+from wsroute_sync.keepalive import Keepalive
+from wsroute_sync.sender import Progress
 from rawclient import OP_PING, OP_PONG, OP_TEXT, RawClient, handshake_request
 
 
@@ -155,3 +158,54 @@ def test_a_client_reading_a_long_reply_slowly_is_not_failed() -> None:
             opcode, payload, _, _, _ = raw.recv_frame()
         assert (opcode, payload) == (OP_TEXT, b"2")
         assert server.connections[0].close_code is None
+
+
+class _EndsWhilePinged:
+    """Stands in for a connection (the three calls keepalive makes); ``end_on_ping``
+    discards itself from inside its Ping, as a connection that ends while the keepalive
+    thread is pinging it does."""
+
+    def __init__(self, keepalive: Keepalive, end_on_ping: bool) -> None:
+        self.id = "fake"
+        self.keepalive = keepalive
+        self.end_on_ping = end_on_ping
+        self.pings = 0
+        self.pinged = threading.Event()
+
+    def ping_nowait(self) -> Tuple[Progress, int]:
+        self.pings += 1
+        if self.end_on_ping:
+            self.keepalive.discard(self)
+        self.pinged.set()
+        return Progress.DONE, 0
+
+    def progress(self, ticket: int) -> Progress:
+        return Progress.DONE
+
+    def expire_ping(self) -> bool:
+        return True
+
+
+def test_a_connection_that_ends_while_it_is_pinged_is_not_pinged_again() -> None:
+    """It used to be put back in line with the others pinged in the same batch, and held
+    (with its socket) until its next turn, one ping_interval later."""
+    keepalive = Keepalive("wsroute_sync-keepalive-test", logging.getLogger("test"),
+                          interval=0.05, timeout=None)
+    ending = _EndsWhilePinged(keepalive, end_on_ping=True)
+    staying = _EndsWhilePinged(keepalive, end_on_ping=False)
+    try:
+        keepalive.add(ending)
+        keepalive.add(staying)
+        assert ending.pinged.wait(TIMEOUT)
+        # Three more rounds for the one that stays: the one that ended had its turn in
+        # each of them, had it been put back.
+        for _ in range(3):
+            staying.pinged.clear()
+            assert staying.pinged.wait(TIMEOUT)
+        assert ending.pings == 1
+        ref = weakref.ref(ending)
+        del ending
+        gc.collect()
+        assert ref() is None
+    finally:
+        keepalive.stop()

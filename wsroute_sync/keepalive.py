@@ -29,7 +29,7 @@ import collections
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, OrderedDict, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, OrderedDict, Set, Tuple, TypeVar
 
 from .connection import ServerConnection
 from .sender import Progress
@@ -66,6 +66,9 @@ class Keepalive:
         # and adding, rescheduling and removing are O(1).
         self._ping_due: OrderedDict[ServerConnection, float] = collections.OrderedDict()
         self._pong_due: OrderedDict[ServerConnection, float] = collections.OrderedDict()
+        # What the thread has taken out to ping or expire and not yet put back; a
+        # connection that ends meanwhile leaves it, so that it is not put back.
+        self._taken: Set[ServerConnection] = set()
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
 
@@ -96,6 +99,7 @@ class Keepalive:
         with self._cond:
             self._ping_due.pop(connection, None)
             self._pong_due.pop(connection, None)
+            self._taken.discard(connection)
 
     def stop(self) -> None:
         """Stop pinging and wait for the thread to end."""
@@ -103,6 +107,7 @@ class Keepalive:
             self._stopped = True
             self._ping_due.clear()
             self._pong_due.clear()
+            self._taken.clear()
             self._cond.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -117,31 +122,44 @@ class Keepalive:
                 if now is None:
                     return
                 to_ping, to_expire, more = self._take(now)
-            if unsent and retry_at <= now:
-                for connection, ticket in list(unsent.items()):
-                    state = self._guarded(connection, lambda: connection.progress(ticket),
-                                          Progress.CLOSED)
-                    if state is Progress.DONE or state is Progress.CLOSED:
-                        del unsent[connection]
-                retry_at = now + _RETRY
-            later = [c for c in to_expire if not self._guarded(c, c.expire_ping, True)]
-            pinged: List[ServerConnection] = []
-            for connection in to_ping:
-                state, ticket = self._guarded(connection, connection.ping_nowait,
-                                              (Progress.CLOSED, 0))
-                if state is Progress.CLOSED:
-                    continue  # closing: forgotten
-                pinged.append(connection)
-                if state is not Progress.DONE:
-                    if not unsent:
-                        retry_at = now + _RETRY
-                    unsent[connection] = ticket
+            retry_at = self._turn(now, to_ping, to_expire, unsent, retry_at)
+            # Nothing here refers to a connection while the thread waits: one that ends
+            # meanwhile is freed at once (discard() drops the references that count).
+            del to_ping, to_expire
             with self._cond:
                 if self._stopped:
                     return
-                self._reschedule(pinged, later)
                 if more:
                     self._cond.wait(_TICK)  # pacing: the rest of what is due, next tick
+
+    def _turn(self, now: float, to_ping: List[ServerConnection],
+              to_expire: List[ServerConnection], unsent: Dict[ServerConnection, int],
+              retry_at: float) -> float:
+        """Retry the Pings not all written, expire, ping, and put the connections back
+        in line; returns when to retry next."""
+        if unsent and retry_at <= now:
+            for connection, ticket in list(unsent.items()):
+                state = self._guarded(connection, lambda: connection.progress(ticket),
+                                      Progress.CLOSED)
+                if state is Progress.DONE or state is Progress.CLOSED:
+                    del unsent[connection]
+            retry_at = now + _RETRY
+        later = [c for c in to_expire if not self._guarded(c, c.expire_ping, True)]
+        pinged: List[ServerConnection] = []
+        for connection in to_ping:
+            state, ticket = self._guarded(connection, connection.ping_nowait,
+                                          (Progress.CLOSED, 0))
+            if state is Progress.CLOSED:
+                continue  # closing: forgotten
+            pinged.append(connection)
+            if state is not Progress.DONE:
+                if not unsent:
+                    retry_at = now + _RETRY
+                unsent[connection] = ticket
+        with self._cond:
+            if not self._stopped:
+                self._reschedule(pinged, later)
+        return retry_at
 
     def _wait(self, retry_at: Optional[float]) -> Optional[float]:
         """Wait (lock held) until something is due; the time then, or ``None`` for the
@@ -174,6 +192,8 @@ class Keepalive:
         batch = max(_MIN_BATCH, math.ceil(2 * len(self._ping_due) * _TICK / self._interval))
         to_ping = _take_due(self._ping_due, now, batch)
         to_expire = _take_due(self._pong_due, now, None)
+        self._taken.update(to_ping)
+        self._taken.update(to_expire)
         first = _first(self._ping_due)
         return to_ping, to_expire, first is not None and first <= now
 
@@ -184,15 +204,20 @@ class Keepalive:
         interval, timeout = self._interval, self._timeout
         assert interval is not None
         now = time.monotonic()
+        # Those that ended since they were taken out (discard()) are not put back: they
+        # would be held, connection, socket and all, until their next turn.
+        taken = self._taken
         if timeout is not None:  # else nothing waits for a Pong, and later is empty
             for connection in later:
-                self._pong_due[connection] = now + timeout
+                if connection in taken:
+                    self._pong_due[connection] = now + timeout
         for connection in pinged:
-            # One that ended since it was taken out may come back here; its next turn
-            # finds it closed and forgets it.
+            if connection not in taken:
+                continue
             self._ping_due[connection] = now + interval
             if timeout is not None and connection not in self._pong_due:
                 self._pong_due[connection] = now + timeout
+        taken.clear()
 
     def _guarded(self, connection: ServerConnection, call: Callable[[], _T], failed: _T) -> _T:
         # A connection's failure must not end the thread that keeps all others alive:
