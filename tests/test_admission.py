@@ -369,6 +369,36 @@ def test_a_head_already_there_is_handed_on_inside_add(direct: Any) -> None:
         assert len(pending) == 0
 
 
+def test_a_head_begun_by_a_follower_thread_is_finished_here(direct: Any) -> None:
+    # What a follower read (follow.py) comes with the socket; the rest is awaited in
+    # the selector, without reading again first (the follower's read found no more).
+    pending, _, heads, selector = direct()
+    server, client = pair()
+    with client:
+        pending.add(server, "", HEAD[:10])
+        assert len(pending) == 1 and not heads
+        client.sendall(HEAD[10:] + b"\x81")
+        for key, events in selector.select(TIMEOUT):
+            pending.handle(key, events)
+        assert len(heads) == 1 and heads[0][1].path == "/chat" and heads[0][2] == b"\x81"
+        assert len(pending) == 0 and not selector.get_map()
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"\x16\x03\x01\x02\x00", b" 400 "),  # a TLS hello, at once
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b" 400 "),  # complete and bad
+    (b"GET / HTTP/1.1\r\nX: " + b"x" * 20000, b" 431 "),  # over max_header_size
+], ids=["tls-hello", "bad", "oversize"])
+def test_a_head_handed_over_bad_is_answered_at_once(direct: Any, head: bytes,
+                                                    status: bytes) -> None:
+    pending, _, heads, _ = direct()
+    server, client = pair()
+    with client:
+        pending.add(server, "", head)
+        assert not heads and len(pending) == 0 and pending.lingering == 1
+        assert status in client.recv(4096).split(b"\r\n", 1)[0] + b" "
+
+
 def test_deadline_then_408_then_linger(direct: Any) -> None:
     pending, clock, _, _ = direct(handshake_timeout=10.0)
     server, client = pair()

@@ -64,19 +64,10 @@ class _Waiting:
 class PendingHandshakes:
     """Sockets accepted but not yet admitted: TLS handshake and request head, non-blocking.
 
-    Use it from the thread that runs ``selector`` (it is not thread-safe), in a loop
-    like this::
-
-        pending = PendingHandshakes(selector, ..., on_head=admit)
-        while serving:
-            for key, events in selector.select(pending.timeout()):
-                if pending.owns(key):
-                    pending.handle(key, events)
-                elif key.data == "listener":
-                    sock, remote = listener.accept()
-                    pending.add(sock, remote)
-            pending.expire()
-        pending.close()
+    Use it from the thread that runs ``selector`` (it is not thread-safe): give it
+    sockets with :meth:`add`, pass it the selector keys it :meth:`owns` (:meth:`handle`),
+    select with its :meth:`timeout`, call :meth:`expire` after each wake-up and
+    :meth:`close` at the end, as :class:`~wsroute_sync.accept.Acceptor` does.
 
     Args:
         selector: the accept loop's selector; sockets are registered with a ``data``
@@ -175,9 +166,10 @@ class PendingHandshakes:
 
     # The accept loop's interface.
 
-    def add(self, sock: socket.socket, remote_address: Any) -> None:
-        """Take a socket fresh from ``accept()``; ``on_head`` may be called before this
-        returns, when the head has already arrived."""
+    def add(self, sock: socket.socket, remote_address: Any, head: Optional[bytes] = None
+            ) -> None:
+        """Take a socket fresh from ``accept()`` (``on_head`` may be called before this
+        returns), or from a follower thread (:mod:`.follow`) with what it read: ``head``."""
         if self._closed:
             sock.close()
             return
@@ -187,7 +179,11 @@ class PendingHandshakes:
             # Read at once rather than wait for the selector: a client usually sends its
             # head right behind the handshake, and then this saves three system calls
             # (register, select, unregister) for the one that fails when it has not.
-            self._read_head(_Waiting(sock, remote_address, deadline, _HEAD))
+            waiting = _Waiting(sock, remote_address, deadline, _HEAD)
+            if head is None:
+                self._read_head(waiting)
+            elif self._took_in(waiting, head):
+                self._wait(waiting, selectors.EVENT_READ)
             return
         try:
             if sock.family != socket.AF_UNIX:
@@ -357,9 +353,6 @@ class PendingHandshakes:
 
     def _read_head(self, waiting: _Waiting) -> None:
         sock = waiting.sock
-        buf = waiting.buf
-        assert isinstance(buf, bytearray)
-        limit = self._limit
         # A plain socket stays blocking for its thread; MSG_DONTWAIT saves switching it
         # to non-blocking and back, two system calls that each hand over the GIL.
         flags = 0 if isinstance(sock, ssl.SSLSocket) else _MSG_DONTWAIT
@@ -382,26 +375,7 @@ class PendingHandshakes:
                                    waiting.remote)
                 self._discard(waiting)
                 return
-            start = len(buf)
-            buf += chunk
-            if start < 16:
-                # Refuse a TLS hello or binary junk now: it never ends with a blank
-                # line, so waiting for one would keep the socket for handshake_timeout.
-                try:
-                    check_request_start(buf)
-                except BadRequest as exc:
-                    self._bad_request(waiting, exc.status, exc.reason)
-                    return
-            end = find_head_end(buf, start)
-            if (end < 0 and len(buf) > limit) or end > limit:
-                # RFC 9112 3: a request line past the limit is a target too long (414).
-                if buf.find(b"\n", 0, limit) < 0:
-                    self._bad_request(waiting, 414, f"request line longer than {limit} bytes")
-                else:
-                    self._bad_request(waiting, 431, f"request head larger than {limit} bytes")
-                return
-            if end >= 0:
-                self._complete(waiting, buf, end)
+            if not self._took_in(waiting, chunk):
                 return
             # A plain socket's short read emptied the kernel buffer: the selector tells
             # when more comes. A TLS object may still hold decrypted bytes that no
@@ -409,6 +383,35 @@ class PendingHandshakes:
             if len(chunk) < _HEAD_READ and not isinstance(sock, ssl.SSLSocket):
                 self._wait(waiting, selectors.EVENT_READ)
                 return
+
+    def _took_in(self, waiting: _Waiting, chunk: bytes) -> bool:
+        """Add ``chunk`` to the head read so far; ``False`` once the socket is taken
+        care of (the head complete and handed on, or refused)."""
+        buf = waiting.buf
+        assert isinstance(buf, bytearray)
+        limit = self._limit
+        start = len(buf)
+        buf += chunk
+        if start < 16:
+            # Refuse a TLS hello or binary junk now: it never ends with a blank line,
+            # so waiting for one would keep the socket for handshake_timeout.
+            try:
+                check_request_start(buf)
+            except BadRequest as exc:
+                self._bad_request(waiting, exc.status, exc.reason)
+                return False
+        end = find_head_end(buf, start)
+        if (end < 0 and len(buf) > limit) or end > limit:
+            # RFC 9112 3: a request line past the limit is a target too long (414).
+            if buf.find(b"\n", 0, limit) < 0:
+                self._bad_request(waiting, 414, f"request line longer than {limit} bytes")
+            else:
+                self._bad_request(waiting, 431, f"request head larger than {limit} bytes")
+            return False
+        if end >= 0:
+            self._complete(waiting, buf, end)
+            return False
+        return True
 
     def _complete(self, waiting: _Waiting, buf: bytearray, end: int) -> None:
         head = bytes(buf) if end == len(buf) else bytes(buf[:end])
