@@ -11,6 +11,7 @@ import threading
 from typing import Any, List
 
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import TIMEOUT, ListHandler, _wait_for, make_server, running
@@ -19,9 +20,9 @@ from wsroute_sync.http import parse_request_head
 from wsroute_sync.pool import ThreadPool, set_thread_policy
 
 
-def url(server: Server) -> str:
+def url(server: Server, scheme: str = "ws") -> str:
     host, port = server.address
-    return f"ws://{host}:{port}/"
+    return f"{scheme}://{host}:{port}/"
 
 
 def test_a_finished_jobs_thread_runs_the_next_job() -> None:
@@ -116,7 +117,9 @@ def test_pool_options_are_validated() -> None:
         ThreadPool(idle_timeout=0)
 
 
-def test_consecutive_connections_reuse_one_thread_named_after_each() -> None:
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_consecutive_connections_reuse_threads_named_after_each(scheme: str, tls: Any
+                                                                 ) -> None:
     server = Server(handler_timeout=None)
 
     @server.route("who")
@@ -126,25 +129,38 @@ def test_consecutive_connections_reuse_one_thread_named_after_each() -> None:
 
     import json
 
-    with running(server) as srv:
+    server.start("127.0.0.1:0", ssl_context=tls[0] if scheme == "wss" else None)
+    try:
         seen = []
         for _ in range(3):
-            with connect(url(srv)) as ws:
+            with connect(url(server, scheme), ssl=tls[1] if scheme == "wss" else None) as ws:
                 ws.send('{"Route":"who"}')
                 seen.append(json.loads(ws.recv(timeout=TIMEOUT)))
             # The connection is finished (slot and thread freed) before the next one.
-            assert _wait_for(lambda: srv.active_connections == 0 and srv._pool.idle == 1)
+            assert _wait_for(lambda: server.active_connections == 0 and (
+                scheme == "ws" or server._pool.idle == 1))
+    finally:
+        server.close(timeout=TIMEOUT)
+    assert [s["name"] for s in seen] == [f"wsroute_sync-conn-{s['id']}" for s in seen]
+    if scheme == "wss":
+        # The accept loop hands each to a pooled thread: the one idle since the last.
+        # (On ws:// Linux, follower threads take connections in turn: test_follow.py.)
         assert len({s["ident"] for s in seen}) == 1
-        assert [s["name"] for s in seen] == [f"wsroute_sync-conn-{s['id']}" for s in seen]
     assert not [t for t in threading.enumerate() if t.name.startswith("wsroute_sync")]
 
 
-def test_a_thread_that_cannot_start_refuses_only_that_client(monkeypatch: Any) -> None:
+def test_a_thread_that_cannot_start_refuses_only_that_client(monkeypatch: Any, tls: Any
+                                                              ) -> None:
+    # Over wss://, whose connections the accept loop hands to a pooled thread. (On ws://
+    # Linux a follower thread serves the connection it accepted and needs no new thread
+    # unless it was the last one waiting: test_follow.py covers that case.)
     handler = ListHandler()
     logger = logging.getLogger("test.pool.nostart")
     logger.addHandler(handler)
     logger.propagate = False
-    with running(make_server(logger=logger)) as srv:
+    server = make_server(logger=logger)
+    server.start("127.0.0.1:0", ssl_context=tls[0])
+    try:
         real_start = threading.Thread.start
 
         def failing_start(self: threading.Thread) -> None:
@@ -153,14 +169,18 @@ def test_a_thread_that_cannot_start_refuses_only_that_client(monkeypatch: Any) -
             real_start(self)
 
         monkeypatch.setattr(threading.Thread, "start", failing_start)
-        with pytest.raises(Exception):
-            with connect(url(srv), open_timeout=TIMEOUT):
+        with pytest.raises(InvalidStatus) as refused:
+            with connect(url(server, "wss"), ssl=tls[1], open_timeout=TIMEOUT):
                 pass
+        assert refused.value.response.status_code == 503
         monkeypatch.setattr(threading.Thread, "start", real_start)
-        assert srv.active_connections == 0
-        with connect(url(srv)) as ws:  # the slot was given back
+        assert server.active_connections == 0
+        with connect(url(server, "wss"), ssl=tls[1]) as ws:  # the slot was given back
             ws.send('{"Route":"echo","Params":1}')
             assert ws.recv(timeout=TIMEOUT) == "1"
+    finally:
+        server.close(timeout=TIMEOUT)
+        logger.removeHandler(handler)
     assert any("cannot start a connection thread" in m for m in handler.messages(logging.ERROR))
 
 

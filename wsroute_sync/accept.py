@@ -1,21 +1,27 @@
-"""The listening socket and its accept loop: one thread accepts connections and holds
-each, without a thread or a slot, until its request head is in, then hands it on.
+"""The listening socket and its accept loop: it holds each accepted socket, without a
+thread or a slot, until its request head is in, then hands it on.
 
 It waits on one selector over the listening socket, a wake-up pipe (so that ``stop()``
 needs no polling) and the sockets still in admission (:mod:`wsroute_sync.admission`).
+On Linux, plain sockets are accepted by follower threads instead (:mod:`.follow`), which
+serve what comes with its head and hand the rest to this loop.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import selectors
 import socket
 import ssl
+import sys
+import threading
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from .admission import PendingHandshakes
+from .follow import Admit, Followers, Spawn
 from .limits import default_max_pending
 from .http import HTTPRequest
 from .listen import UNKNOWN_TIMEOUT, open_listener, prepare_listener
@@ -44,6 +50,8 @@ class Acceptor:
     :meth:`run` serves until :meth:`stop`, then closes the listener and every socket
     still in admission; :meth:`close` then frees the wake-up pipe and a unix socket's
     file. ``reuse_port``: share the port with other processes (``SO_REUSEPORT``).
+    ``admit`` and ``spawn``: follower threads (:class:`~wsroute_sync.follow.Followers`)
+    accept plain sockets on Linux and serve the connections ``admit`` gives them.
     """
 
     def __init__(
@@ -55,6 +63,8 @@ class Acceptor:
         options: ServerOptions,
         on_head: OnHead,
         logger: _Logger,
+        admit: Optional[Admit] = None,
+        spawn: Optional[Spawn] = None,
     ) -> None:
         listener, address = open_listener(addr, reuse_port=reuse_port)
         #: The bound ``(host, port)``, or a unix socket's path.
@@ -77,6 +87,20 @@ class Acceptor:
         self._on_head = on_head
         self._logger = logger
         self._stopping = False
+        self._followers: Optional[Followers] = None
+        if admit is not None and spawn is not None and ssl_context is None and (
+                sys.platform.startswith("linux")):
+            self._followers = Followers(
+                listener, accept=listener._accept,  # type: ignore[attr-defined]
+                admit=admit, spawn=spawn, hand_over=self.hand_over,
+                max_header_size=options.max_header_size, logger=logger,
+            )
+        # Sockets the followers hand over (socket, remote, head, answer), and whether
+        # the loop has ended (later ones are closed at once); under _handed_lock.
+        self._handed: Deque[Tuple[socket.socket, Any, bytes, Optional[bytes]]] = (
+            collections.deque())
+        self._handed_lock = threading.Lock()
+        self._handed_closed = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -84,9 +108,29 @@ class Acceptor:
     def stop(self) -> None:
         """Make :meth:`run` return soon; safe from any thread."""
         self._stopping = True
+        if self._followers is not None:
+            self._followers.stop()
+        self._wake()
+
+    def hand_over(self, sock: socket.socket, remote: Any, head: bytes,
+                  answer: Optional[bytes]) -> None:
+        """Give the loop a socket a follower accepted: to read the rest of its head
+        (``head``: what was read), or, with ``answer``, to answer and close it.
+        Thread-safe; the socket is closed if the loop has ended."""
+        with self._handed_lock:
+            closed = self._handed_closed
+            first = not self._handed
+            if not closed:
+                self._handed.append((sock, remote, head, answer))
+        if closed:
+            sock.close()
+        elif first:
+            self._wake()  # one wake-up for all queued before the loop takes them
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
-        except OSError:  # pragma: no cover - the pipe is never full: one byte
+        except OSError:  # full: the loop has wake-ups pending anyway
             pass
 
     def close(self) -> None:
@@ -105,7 +149,6 @@ class Acceptor:
         listener = self._listener
         wake = self._wake_r
         selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ, _LISTENER)
         selector.register(wake, selectors.EVENT_READ, _WAKE)
         on_head = self._on_head
 
@@ -123,6 +166,8 @@ class Acceptor:
             logger=self._logger, on_head=head_in,
         )
         paused_until: Optional[float] = None
+        if self._followers is None or not self._followers.start():
+            selector.register(listener, selectors.EVENT_READ, _LISTENER)
         try:
             while not self._stopping:
                 timeout = pending.timeout()
@@ -132,9 +177,10 @@ class Acceptor:
                 for key, events in selector.select(timeout):
                     if key.data is _WAKE:
                         try:
-                            wake.recv(64)
+                            wake.recv(4096)
                         except OSError:
                             pass
+                        self._take_handed(pending)
                     elif key.data is _LISTENER:
                         if not self._accept_batch(pending):
                             # Out of file descriptors: stop watching the listener for
@@ -148,9 +194,23 @@ class Acceptor:
                     selector.register(listener, selectors.EVENT_READ, _LISTENER)
                     paused_until = None
         finally:
+            if self._followers is not None:
+                self._followers.stop()  # run() can end without stop(): an error
+            with self._handed_lock:
+                self._handed_closed = True
+            self._take_handed(pending)
             pending.close()
             selector.close()
             listener.close()
+
+    def _take_handed(self, pending: PendingHandshakes) -> None:
+        with self._handed_lock:
+            handed, self._handed = self._handed, collections.deque()
+        for sock, remote, head, answer in handed:
+            if answer is None:
+                pending.add(sock, remote, head)
+            else:
+                pending.refuse(sock, answer)
 
     def _accept_batch(self, pending: PendingHandshakes) -> bool:
         listener = self._listener

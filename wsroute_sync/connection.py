@@ -279,6 +279,11 @@ class ServerConnection(Sender):
 
     # The connection thread.
 
+    @property
+    def thread_name(self) -> str:
+        """The name of the thread that serves it."""
+        return f"wsroute_sync-conn-{self.id}"
+
     def run(self) -> None:
         """Serve the connection until it closes; always tells the owner it is done."""
         self.thread = threading.current_thread()

@@ -13,7 +13,7 @@ import itertools
 import logging
 import secrets
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from .connection import ServerConnection
 from .http import HTTPRequest, http_response
@@ -52,7 +52,7 @@ class Roster:
 
     def admit(self, remote: Any, request: HTTPRequest,
               connect: Callable[[str], ServerConnection]
-              ) -> Tuple[Optional[bytes], Optional[ServerConnection]]:
+              ) -> Union[bytes, ServerConnection]:
         """A slot for a complete request head and the connection ``connect(id)`` makes,
         registered; or the answer refusing it (503 full or closing, 429 per client)."""
         if not self._slots.acquire(blocking=False):
@@ -63,7 +63,7 @@ class Roster:
                 remote,
             )
             return http_response(503, "Too many connections\n",
-                                 headers=[("Retry-After", "1")]), None
+                                 headers=[("Retry-After", "1")])
         ip: Optional[str] = None
         if self._per_ip is not None:
             options = self._options
@@ -78,7 +78,7 @@ class Roster:
                     options.max_connections_per_ip,
                 )
                 return http_response(429, "Too many connections from this address\n",
-                                     headers=[("Retry-After", "1")]), None
+                                     headers=[("Retry-After", "1")])
         connection = connect(f"{self.instance_id}-{next(self._ids)}")
         with self._lock:
             if not self._sealed:
@@ -87,11 +87,11 @@ class Roster:
                 if ip is not None:
                     self._ip_of[connection.id] = ip
                 self._totals.accepted += 1
-                return None, connection
+                return connection
         if ip is not None and self._per_ip is not None:
             self._per_ip.release(ip)
         self._slots.release()
-        return http_response(503, "server shutting down\n"), None
+        return http_response(503, "server shutting down\n")
 
     def done(self, connection: ServerConnection) -> None:
         """A connection has ended: forget it, count it, free its slot."""

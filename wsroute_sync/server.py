@@ -1,11 +1,11 @@
 """The Server: its lifecycle (listen, start, serve, close) and the wiring of admission.
 
-The shape follows the Go original: a listener whose accept loop (accept.py) hands each
-complete request head here; the connection takes a slot of a bounded semaphore without
-waiting (roster.py; over the limit the client gets HTTP 503 before any upgrade) and a
-thread of its own (pool.py), which gives the slot back in its ``finally`` beside the
-socket close. Handlers live in a dict guarded by a ``threading.Lock`` (registry.py),
-plain HTTP pages in pages.py; ``close()`` is idempotent and safe from any thread.
+The shape follows the Go original: a listener whose accept loop (accept.py) or follower
+threads (follow.py) hand each complete request head here; the connection takes a slot
+of a bounded semaphore without waiting (roster.py: HTTP 503 past the limit, before any
+upgrade) and a thread of its own (pool.py), which gives the slot back in its ``finally``
+beside the socket close. Handlers live in a dict guarded by a ``threading.Lock``
+(registry.py), pages in pages.py; ``close()`` is idempotent and safe from any thread.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .accept import Acceptor
 from .backplane import Backplane
@@ -146,8 +146,7 @@ class Server:
         self._closing = False
         self._closed = threading.Event()
         self._reaper = Reaper("wsroute_sync-reaper", self.logger, close_timeout)
-        #: Drop a connection whose closing handshake is not over within close_timeout (the
-        #: ConnectionOwner interface).
+        #: Drop a connection not closed within close_timeout (the ConnectionOwner interface).
         self.expect_close = self._reaper.schedule
         self._fanout = FanOut(
             connections=self._roster.connections, lookup=self._roster.get,
@@ -283,7 +282,8 @@ class Server:
                 raise RuntimeError("the server is already listening")
             self._acceptor = acceptor = Acceptor(
                 addr, reuse_port=reuse_port, ssl_context=ssl_context, options=self.options,
-                on_head=self._on_head, logger=self.logger,
+                on_head=self._on_head, logger=self.logger, admit=self._admit_accepted,
+                spawn=self._pool.submit,
             )
             self.address = acceptor.address
             self._ssl_context = ssl_context
@@ -415,13 +415,12 @@ class Server:
             grace_end = min(grace_end, deadline)
         others = close_all(connections, CLOSE_GOING_AWAY, "server shutting down", grace_end)
         # Aborted connections cannot block any more (their sockets are shut down), but
-        # their threads still need a moment to run to their end: a short margin past
-        # the deadline, so that a close(timeout) that had to abort still finishes them.
+        # their threads need a moment to end: a short margin past the deadline for that.
         margin_end = None if deadline is None else max(deadline, time.monotonic()) + _ABORT_MARGIN
         for connection in others:
             connection.wait_finished(left(margin_end))
         stuck = [c for c in others if not c.finished]
-        # The pooled threads, idle or finishing a connection, end too.
+        # The pooled threads, idle, finishing a connection or following, end too.
         self._pool.close(left(margin_end))
         for connection in stuck:
             self.logger.warning("connection %s did not finish within %ss (a handler still "
@@ -442,28 +441,30 @@ class Server:
 
     def _on_head(self, sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes
                  ) -> Optional[bytes]:
-        # A complete request head, in the accept loop: a slot and a thread, or the
-        # answer refusing it.
-        assert self._acceptor is not None
-        refusal, connection = self._admit(sock, remote, request, rest,
-                                          self._acceptor.inherited_read_timeout)
-        if connection is None:
-            return refusal
+        # A complete request head in the accept loop: a slot and a thread, or a refusal.
+        connection = self._admit_accepted(sock, remote, request, rest)
+        if isinstance(connection, bytes):
+            return connection
         try:
-            self._pool.submit(connection.run, f"wsroute_sync-conn-{connection.id}")
+            self._pool.submit(connection.run, connection.thread_name)
         except RuntimeError as exc:  # "can't start new thread": out of memory or limits
             self.logger.error("cannot start a connection thread: %s", exc)
             self.connection_done(connection)
             return http_response(503, "server overloaded\n", headers=[("Retry-After", "1")])
         return None
 
+    def _admit_accepted(self, sock: socket.socket, remote: Any, request: HTTPRequest,
+                        rest: bytes) -> Union[bytes, ServerConnection]:
+        # From the accept loop, or a follower thread that serves it itself (follow.py).
+        assert self._acceptor is not None
+        return self._admit(sock, remote, request, rest, self._acceptor.inherited_read_timeout)
+
     def _admit(self, sock: socket.socket, remote: Any, request: HTTPRequest, rest: bytes,
-               inherited_read_timeout: Optional[float]
-               ) -> Tuple[Optional[bytes], Optional[ServerConnection]]:
+               inherited_read_timeout: Optional[float]) -> Union[bytes, ServerConnection]:
         """A slot and a registered connection for a complete request head, or the answer
         refusing it (503, or 429 for a client over its own limit)."""
         if self._closing:
-            return http_response(503, "server shutting down\n"), None
+            return http_response(503, "server shutting down\n")
         return self._roster.admit(remote, request, lambda connection_id: ServerConnection(
             self, sock, remote, connection_id, request, rest=rest,
             inherited_read_timeout=inherited_read_timeout,
@@ -479,10 +480,9 @@ class Server:
         connection; the socket is closed and the slot freed when it returns. ``rest``
         holds bytes read past the head. Never raises for a client's fault.
         """
-        refusal, connection = self._admit(sock, remote_address, request, rest, UNKNOWN_TIMEOUT)
-        if connection is None:
-            assert refusal is not None
-            answer_and_close(sock, refusal)
+        connection = self._admit(sock, remote_address, request, rest, UNKNOWN_TIMEOUT)
+        if isinstance(connection, bytes):
+            answer_and_close(sock, connection)
             return
         connection.run()
 
