@@ -163,13 +163,21 @@ def test_stop_ends_the_followers_waiting_in_accept(rig: Any, family: int) -> Non
     assert r.followers.waiting == 0
 
 
-def test_a_client_that_sends_nothing_goes_to_the_accept_loop(rig: Any) -> None:
+@pytest.mark.parametrize("hang_up", [False, True], ids=["silent", "hangs-up"])
+def test_a_client_that_sends_nothing_goes_to_the_accept_loop(rig: Any, hang_up: bool
+                                                              ) -> None:
+    # Silent or gone, it is the accept loop's to wait for or to close, as any socket.
     r = rig(defer=False)
+    client = r.connect()
+    if hang_up:
+        client.close()
     r.followers.start()
-    with r.connect():
+    try:
         sock, head, answer = r.handed.get(timeout=TIMEOUT)
         sock.close()
         assert (head, answer) == (b"", None)
+    finally:
+        client.close()
     assert r.admitted.empty() and r.followers.waiting == 2
 
 

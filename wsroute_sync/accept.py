@@ -24,7 +24,7 @@ from .admission import PendingHandshakes
 from .follow import Admit, Followers, Spawn
 from .limits import default_max_pending
 from .http import HTTPRequest
-from .listen import UNKNOWN_TIMEOUT, open_listener, prepare_listener
+from .listen import ACCEPT_PAUSE_SECONDS, UNKNOWN_TIMEOUT, open_listener, prepare_listener
 from .options import ServerOptions
 
 __all__ = ["Acceptor", "OnHead"]
@@ -39,8 +39,6 @@ _LISTENER = "listener"
 _WAKE = "wake"
 # Accepting in batches keeps a burst of connects from starving the wake-up pipe.
 _ACCEPT_BATCH = 64
-# Out of file descriptors, the listener is left alone this long.
-_PAUSE_SECONDS = 0.1
 
 
 class Acceptor:
@@ -186,7 +184,7 @@ class Acceptor:
                             # Out of file descriptors: stop watching the listener for
                             # a moment instead of spinning on a socket we cannot accept.
                             selector.unregister(listener)
-                            paused_until = time.monotonic() + _PAUSE_SECONDS
+                            paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
                     else:
                         pending.handle(key, events)
                 pending.expire()
@@ -226,7 +224,7 @@ class Acceptor:
                 return True
             except OSError as exc:
                 self._logger.error("accept failed: %s; pausing accepts for %.1fs", exc,
-                                   _PAUSE_SECONDS)
+                                   ACCEPT_PAUSE_SECONDS)
                 return False
             # No slot and no thread yet: the request head (and TLS handshake) is awaited
             # in this loop's selector, so a client that sends nothing costs a socket only.

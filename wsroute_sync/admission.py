@@ -26,14 +26,14 @@ from .http import BadRequest, HTTPRequest, check_request_start, find_head_end, h
 from .http import parse_request_head
 from .limits import MAX_LINGERING, WarningThrottle
 
-__all__ = ["PendingHandshakes", "OnHead"]
+__all__ = ["PendingHandshakes", "OnHead", "HEAD_READ"]
 
 #: ``on_head(sock, remote_address, request, rest)``: a complete, parsed request head.
 OnHead = Callable[[socket.socket, Any, HTTPRequest, bytes], None]
 _Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
 
-# The head is read in small pieces: a slow client must not pin much memory.
-_HEAD_READ = 4096
+#: The head is read in pieces this size (a slow client must not pin much memory).
+HEAD_READ = 4096
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 # A refused client gets this long to read our answer before the socket is closed...
 _LINGER_SECONDS = 2.0
@@ -358,7 +358,7 @@ class PendingHandshakes:
         flags = 0 if isinstance(sock, ssl.SSLSocket) else _MSG_DONTWAIT
         while True:
             try:
-                chunk = sock.recv(_HEAD_READ, flags)
+                chunk = sock.recv(HEAD_READ, flags)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(waiting, selectors.EVENT_READ)
                 return
@@ -380,7 +380,7 @@ class PendingHandshakes:
             # A plain socket's short read emptied the kernel buffer: the selector tells
             # when more comes. A TLS object may still hold decrypted bytes that no
             # selector reports, so TLS reads go on until SSLWantReadError.
-            if len(chunk) < _HEAD_READ and not isinstance(sock, ssl.SSLSocket):
+            if len(chunk) < HEAD_READ and not isinstance(sock, ssl.SSLSocket):
                 self._wait(waiting, selectors.EVENT_READ)
                 return
 

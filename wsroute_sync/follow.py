@@ -30,11 +30,11 @@ import errno
 import logging
 import socket
 import threading
-import time
 from typing import Any, Callable, Optional, Protocol, Tuple, Union
 
+from .admission import HEAD_READ
 from .http import BadRequest, HTTPRequest, find_head_end, parse_request_head
-from .limits import WarningThrottle
+from .listen import ACCEPT_PAUSE_SECONDS
 
 __all__ = ["Followers", "FOLLOWERS", "Admitted", "Admit", "Spawn", "HandOver"]
 
@@ -66,12 +66,7 @@ _Logger = Union[logging.Logger, logging.LoggerAdapter]  # type: ignore[type-arg]
 #: Threads waiting in ``accept()`` at once. One would do for a steady stream; a second
 #: keeps a burst from waiting while the first starts its replacement.
 FOLLOWERS = 2
-# Read at once, as the accept loop does: a client usually sends its head right behind
-# the TCP handshake. A head that does not fit goes on in the accept loop.
-_HEAD_READ = 4096
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
-# Out of file descriptors (or memory), a follower waits this long before accepting again.
-_PAUSE_SECONDS = 0.1
 # accept() failures that concern one client, not the listener: try the next one.
 _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 
@@ -113,7 +108,6 @@ class Followers:
         self._waiting = 0  # followers in (or on their way to) accept()
         self._stopping = False
         self._stopped = threading.Event()  # ends a pause early
-        self._warn_accept = WarningThrottle(logger, time.monotonic)
 
     @property
     def waiting(self) -> int:
@@ -179,10 +173,10 @@ class Followers:
                     return None
                 if exc.errno in _CLIENT_GONE:
                     continue
-                # Out of file descriptors, most likely: pause rather than spin.
-                self._warn_accept.warning("accept failed: %s; pausing accepts for %.1fs",
-                                          exc, _PAUSE_SECONDS)
-                self._stopped.wait(_PAUSE_SECONDS)
+                # Out of file descriptors, most likely: as the accept loop does.
+                self._logger.error("accept failed: %s; pausing accepts for %.1fs", exc,
+                                   ACCEPT_PAUSE_SECONDS)
+                self._stopped.wait(ACCEPT_PAUSE_SECONDS)
                 continue
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             head = self._read_head(sock, remote)
@@ -204,27 +198,22 @@ class Followers:
     def _read_head(self, sock: socket.socket, remote: Any
                    ) -> Optional[Tuple[HTTPRequest, bytes, bytes]]:
         """The parsed head, the bytes after it and all bytes read; ``None`` once the
-        socket is closed or handed over."""
+        socket is handed over: everything but a complete, good head is the accept
+        loop's (no bytes yet, a client gone, a bad or oversize head), which reads on,
+        answers or closes it as it does any socket."""
         try:
-            # The socket stays blocking for its connection: MSG_DONTWAIT for this read.
-            data = sock.recv(_HEAD_READ, _MSG_DONTWAIT)
-        except BlockingIOError:
-            self._hand_over(sock, remote, b"", None)
-            return None
-        except OSError as exc:
-            self._logger.debug("admission: %s lost before a request: %s", remote, exc)
-            sock.close()
-            return None
-        if not data:
-            self._logger.debug("admission: %s closed before a complete request", remote)
-            sock.close()
-            return None
-        end = find_head_end(data)
+            # Read at once, as the accept loop does: a client usually sends its head
+            # right behind the TCP handshake. The socket stays blocking for its
+            # connection: MSG_DONTWAIT for this read only.
+            data = sock.recv(HEAD_READ, _MSG_DONTWAIT)
+        except OSError:  # BlockingIOError, or a reset the accept loop's read sees too
+            data = b""
+        end = find_head_end(data) if data else -1
         if 0 <= end <= self._limit:
             try:
                 return parse_request_head(data[:end], remote), data[end:], data
             except BadRequest:
-                pass  # answered by the accept loop, as any bad head is
+                pass
         self._hand_over(sock, remote, data, None)
         return None
 

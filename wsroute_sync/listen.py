@@ -11,13 +11,16 @@ from typing import Any, Optional, Tuple
 
 __all__ = [
     "parse_address", "open_listener", "reserve_port", "prepare_listener", "url_for", "timeval",
-    "LISTEN_BACKLOG", "UNKNOWN_TIMEOUT",
+    "LISTEN_BACKLOG", "UNKNOWN_TIMEOUT", "ACCEPT_PAUSE_SECONDS",
 ]
 
 LISTEN_BACKLOG = 1024
 #: The read timeout of an accepted socket whose SO_RCVTIMEO is not known (it did not
 #: inherit one from a listener :func:`prepare_listener` set up).
 UNKNOWN_TIMEOUT = -1.0
+#: When ``accept()`` fails (out of file descriptors, most likely), accepting pauses this
+#: long rather than spin on a connection it cannot take (the accept loop and followers).
+ACCEPT_PAUSE_SECONDS = 0.1
 
 
 def parse_address(addr: str) -> Tuple[socket.AddressFamily, Any]:
